@@ -1,0 +1,191 @@
+"""The ``clbench`` command: run, list, leaderboard, score (and the commands later modules add).
+
+Every user error (unknown name, bad data, config typo) ends in one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clbench.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="clbench: continual learning of LLMs — run methods over TRACE, compare, report.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from clbench.benchmark import DataError
+    from clbench.models import ModelError
+    from clbench.registry import RegistryError
+    from clbench.results import RunConflictError
+
+    return ConfigError, DataError, ModelError, RegistryError, RunConflictError
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    method: Annotated[str, typer.Option(help="method name (see `clbench list`)")] = "lora",
+    benchmark: Annotated[str, typer.Option(help="benchmark name (see `clbench list`)")] = "trace-mini",
+    order: Annotated[int | None, typer.Option(help="task order (TRACE numbers them 1 and 2)")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option(help="'bundled' (SmolLM2-135M, offline), 'tiny' (random, for smoke "
+                                                   "tests), a local folder or a hub id")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="benchmark data folder <Task>/{train,eval,test}.json")] = None,
+    out: Annotated[str | None, typer.Option(help="run folder (default: results/runs/<bench>/<method>/...)")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML with run keys and a method_config: mapping")] = None,
+    hardware: Annotated[str | None, typer.Option(help="hardware profile from configs/hardware/")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="method knob key=value (repeatable)")] = None,
+    devices: Annotated[int | None, typer.Option()] = None,
+    accelerator: Annotated[str | None, typer.Option()] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2...")]
+    = None,
+    precision: Annotated[str | None, typer.Option(help="Lightning precision, e.g. bf16-mixed, 32-true")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="micro-batch size per device")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="alias of --batch-size")] = None,
+    accumulate_grad_batches: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs per task (default: the benchmark's per-task epochs)")]
+    = None,
+    max_steps_per_task: Annotated[int | None, typer.Option()] = None,
+    num_tasks: Annotated[int | None, typer.Option(help="only the first N tasks of the order")] = None,
+    limit_train: Annotated[int | None, typer.Option()] = None,
+    limit_eval: Annotated[int | None, typer.Option()] = None,
+    limit_test: Annotated[int | None, typer.Option()] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="override every task's generation budget")] = None,
+    no_zero_shot: Annotated[bool, typer.Option("--no-zero-shot", help="skip R[0,:] (FWT is then undefined)")]
+    = False,
+    oracle_task_id: Annotated[bool, typer.Option("--oracle-task-id", help="give the true task id at test time")]
+    = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """Train METHOD through BENCHMARK's task order, evaluating every task after each one (resumable)."""
+    from clbench.config import parse_overrides
+    from clbench.configs_dir import hardware_profile
+    from clbench.harness import Harness, load_run_config
+
+    try:
+        overrides: dict[str, Any] = {
+            "method": method, "benchmark": benchmark, "order": order, "seed": seed, "model": model,
+            "data_dir": data_dir, "out": out, "devices": devices, "accelerator": accelerator, "strategy": strategy,
+            "precision": precision, "batch_size": batch_size or micro_batch_size,
+            "accumulate_grad_batches": accumulate_grad_batches, "epochs": epochs,
+            "max_steps_per_task": max_steps_per_task, "num_tasks": num_tasks, "limit_train": limit_train,
+            "limit_eval": limit_eval, "limit_test": limit_test, "max_new_tokens": max_new_tokens,
+            "zero_shot": False if no_zero_shot else None, "oracle_task_id": True if oracle_task_id else None,
+            "progress": False if no_progress else None,
+        }
+        if hardware:
+            overrides = {**hardware_profile(hardware), **{k: v for k, v in overrides.items() if v is not None}}
+        cfg, method_cfg = load_run_config(config, overrides)
+        method_cfg.update(parse_overrides(set_ or []))
+        Harness(cfg, method_cfg).run()
+    except _user_errors() as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished tasks are saved; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command("list")
+def list_() -> None:
+    """Show the registered methods and benchmarks."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from clbench import registry
+
+    table = Table(title="methods")
+    table.add_column("name")
+    table.add_column("task-aware")
+    table.add_column("description")
+    for name, cls in registry.methods().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table.add_row(name, "yes" if cls.task_aware else "", doc)
+    Console().print(table)
+    bench = Table(title="benchmarks")
+    bench.add_column("name")
+    bench.add_column("description")
+    for name, factory in registry.benchmarks().items():
+        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
+        bench.add_row(name, doc)
+    Console().print(bench)
+
+
+@app.command()
+def leaderboard(
+    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them")] = None,
+    out: Annotated[str, typer.Option(help="CSV to write")] = "results/leaderboard.csv",
+    bwt_convention: Annotated[list[str] | None, typer.Option(help="also show: clipped, max-drop")] = None,
+) -> None:
+    """Aggregate finished run folders into a leaderboard CSV (mean ± std over seeds) and print it."""
+    from clbench.leaderboard import build_leaderboard, print_leaderboard
+
+    try:
+        table = build_leaderboard(runs or ["results/runs"], bwt_conventions=bwt_convention or [])
+    except ConfigError as err:
+        fail(str(err))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.4f")
+    print_leaderboard(table)
+    typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+def score(
+    predictions: Annotated[str, typer.Argument(help="JSON list of {prompt, answer, prediction}")],
+    benchmark: Annotated[str, typer.Option()] = "trace",
+    task: Annotated[str, typer.Option()] = ...,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Score a predictions file with the task's TRACE scorer."""
+    from clbench.benchmark import DataError
+    from clbench.scores import score as score_fn
+    from clbench.registry import task_metric
+
+    try:
+        metric = task_metric(benchmark, task)
+        path = Path(predictions)
+        if not path.is_file():
+            raise DataError(f"predictions file not found: {path}")
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of {{prompt, answer, prediction}} records")
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("answer", "prediction")):
+                raise DataError(f"{path}: record {i} needs string \"answer\" and \"prediction\"")
+        value = score_fn(metric, [r["prediction"] for r in records], [r["answer"] for r in records],
+                         [r.get("prompt", "") for r in records])
+    except _user_errors() as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps({"benchmark": benchmark, "task": task, "metric": metric, "score": value,
+                               "n": len(records)}))
+    else:
+        typer.echo(f"{benchmark} {task} {metric}: {value:.4f} (n={len(records)})")
+
+
+def main() -> None:
+    """Entry point of the ``clbench`` script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

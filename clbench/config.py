@@ -1,0 +1,126 @@
+"""Config dataclasses from YAML / ``key=value`` overrides, with typo errors that name the nearest valid key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message is one line a user can act on."""
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML value or a command-line string into the field's declared type (bool, int, float, str, list, None)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"bad value for '{key}': {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [coerce(v, inner, key) for v in value]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        try:
+            number = float(value) if annotation is float else int(str(value), 0) if isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(number, float):
+            if not number.is_integer():
+                raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+            number = int(number)
+        return annotation(number)
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def build(cls: type[T], values: dict[str, Any] | None = None, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys are an error naming the nearest valid one."""
+    values = dict(values or {})
+    types_ = _field_types(cls)
+    for key in values:
+        if key not in types_:
+            raise ConfigError(f"unknown key '{key}' in {where}{_nearest(key, list(types_))}")
+    kwargs = {k: coerce(v, types_[k], k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid {where}: {err}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` pairs; values are YAML scalars (``true``, ``3``, ``[q_proj,v_proj]``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value")
+    return data
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a plain dict (for config.yaml and hashing)."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,386 @@
+"""The continual-learning loop: one Lightning fit per task, every task evaluated after each, resumable.
+
+::
+
+    R[0, :] = evaluate every task zero-shot            (skipped with zero_shot=False)
+    for t, task in order:                              (tasks whose row is on disk are skipped: resume)
+        method.begin_task(t, task); Trainer.fit(method, task data); method.end_task(t, task)
+        R[t+1, :] = evaluate every task's test split   (task-agnostic: no task id unless the method is task-aware)
+        checkpoint the method state, then record row t+1 (atomic writes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from clbench import cl_metrics, registry
+from clbench.benchmark import Benchmark, Collator, Task, manifest_digest
+from clbench.config import ConfigError, build, load_yaml, to_dict
+from clbench.configs_dir import method_defaults
+from clbench.method import CLMethod
+from clbench.models import load_model
+from clbench.results import RunStore
+from clbench.scores import score
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run except the method's own knobs (those live in the method's config dataclass)."""
+
+    method: str = "lora"
+    benchmark: str = "trace-mini"
+    order: int = 1
+    seed: int = 0
+    model: str = "bundled"
+    data_dir: str | None = None
+    out: str | None = None
+    results_dir: str = "results/runs"
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    accumulate_grad_batches: int = 1
+    epochs: int | None = None
+    max_steps_per_task: int | None = None
+    num_tasks: int | None = None
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    limit_test: int | None = None
+    max_prompt_len: int | None = None
+    max_answer_len: int | None = None
+    max_new_tokens: int | None = None
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"
+    gradient_clip_val: float | None = 1.0
+    zero_shot: bool = True
+    oracle_task_id: bool = False
+    progress: bool = True
+
+
+# Fields that never change what a run computes; excluded from the run's identity (folder hash, resume check).
+_NOT_IDENTITY = {"out", "results_dir", "progress"}
+
+
+class ThroughputMeter(Callback):
+    """Train tokens/s and seconds per optimiser step, measured around each training batch (first step excluded)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self.steps = 0
+        self._t0 = 0.0
+        self._first_seconds = 0.0
+        self._first_tokens = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._t0
+        tokens = int(batch["attention_mask"].sum()) * trainer.world_size
+        if batch_idx == 0 and self.steps == 0:  # warm-up step (allocator, autocast caches) is kept apart
+            self._first_seconds, self._first_tokens = elapsed, tokens
+        else:
+            self.seconds += elapsed
+            self.tokens += tokens
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        """tokens/s and s/step over the measured steps (falls back to the single step when only one ran)."""
+        seconds, tokens, steps = self.seconds, self.tokens, self.steps - 1
+        if steps <= 0:
+            seconds, tokens, steps = self._first_seconds, self._first_tokens, max(self.steps, 1)
+        return {
+            "steps": self.steps,
+            "tokens_per_s": tokens / seconds if seconds else float("nan"),
+            "step_time_s": seconds / steps if steps else float("nan"),
+        }
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
+    warnings.filterwarnings("ignore", message=r".*predict_dataloader.*")
+    warnings.filterwarnings("ignore", message=r".*is a wrapper around.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident memory (MiB)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def git_commit() -> str | None:
+    """The clbench checkout's commit (with ``-dirty`` when it has uncommitted changes), if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour the numbers depend on."""
+    import lightning
+    import peft
+    import transformers
+
+    from clbench import __version__
+
+    return {
+        "clbench": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "lightning": lightning.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+    }
+
+
+class Harness:
+    """Runs one method over one benchmark order; see the module docstring for the loop."""
+
+    def __init__(self, cfg: RunConfig, method_overrides: dict[str, Any] | None = None, command: str | None = None):
+        self.cfg = cfg
+        self.command = command or " ".join(["clbench", *sys.argv[1:]])
+        self.method_cls: type[CLMethod] = registry.get_method(cfg.method)
+        defaults = method_defaults(cfg.method)
+        self.method_cfg = build(self.method_cls.config_class, {**defaults, **(method_overrides or {})},
+                                where=f"method '{cfg.method}' config")
+        if cfg.oracle_task_id and not (self.method_cls.supports_oracle_task_id or self.method_cls.task_aware):
+            raise ConfigError(f"method '{cfg.method}' cannot use --oracle-task-id (it has no per-task routing)")
+        factory = registry.get_benchmark(cfg.benchmark)
+        self.benchmark: Benchmark = factory(data_dir=cfg.data_dir, limit_train=cfg.limit_train,
+                                            limit_eval=cfg.limit_eval, limit_test=cfg.limit_test)
+        self.tasks: list[Task] = self.benchmark.ordered(cfg.order)[: cfg.num_tasks or None]
+        self.task_names = [t.name for t in self.tasks]
+        self.manifest = self.benchmark.manifest()
+        self.resolved = self._resolve()
+        self.run_dir = Path(cfg.out) if cfg.out else self._default_dir()
+        self.store = RunStore(self.run_dir)
+
+    # ---- config ----------------------------------------------------------------------------------------------
+    def _resolve(self) -> dict[str, Any]:
+        run = {k: v for k, v in to_dict(self.cfg).items() if k not in _NOT_IDENTITY}
+        run["max_prompt_len"] = self.cfg.max_prompt_len or self.benchmark.max_prompt_len
+        run["max_answer_len"] = self.cfg.max_answer_len or self.benchmark.max_answer_len
+        identity = {
+            "run": run,
+            "method": to_dict(self.method_cfg),
+            "tasks": [dataclasses.asdict(t.spec) for t in self.tasks],
+            "data_manifest_digest": manifest_digest(self.manifest),
+        }
+        return {"identity": identity, "data_manifest": self.manifest}
+
+    def _default_dir(self) -> Path:
+        digest = hashlib.sha256(json.dumps(self.resolved["identity"], sort_keys=True).encode()).hexdigest()[:8]
+        model_slug = Path(self.cfg.model).name.replace("/", "_") or "model"
+        name = f"order{self.cfg.order}-seed{self.cfg.seed}-{digest}"
+        return Path(self.cfg.results_dir) / self.cfg.benchmark / self.cfg.method / model_slug / name
+
+    # ---- loop ------------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train through the order (resuming after the last finished task) and write the run folder."""
+        _quiet_lightning()
+        cfg = self.cfg
+        if self.store.finished:
+            console.print(f"[green]already finished:[/] {self.run_dir} (delete it to run again)")
+            return self.run_dir
+        loaded = load_model(cfg.model)
+        self.tokenizer = loaded.tokenizer
+        L.seed_everything(cfg.seed, verbose=False)
+        method = self.method_cls(loaded.model, loaded.tokenizer, self.method_cfg, num_tasks=len(self.tasks))
+        resuming = self.store.claim(self.resolved)
+        rows = self.store.rows()
+        stages = [len(self.tasks) - 1] if method.joint_training else list(range(len(self.tasks)))
+        done_stages = [t for t in stages if t + 1 in rows]
+        if done_stages:
+            self._restore(method, stages, done_stages[-1])
+        if resuming:
+            console.print(f"[yellow]resuming[/] {self.run_dir}: {len(done_stages)} of {len(stages)} tasks done")
+        else:
+            console.print(f"[bold]clbench run[/] {cfg.method} on {cfg.benchmark} order {cfg.order} seed {cfg.seed}"
+                          f" -> {self.run_dir}")
+
+        if cfg.zero_shot and 0 not in rows:
+            self._evaluate(method, row=0, label="zero-shot")
+        for t in stages:
+            if t + 1 in rows:
+                continue
+            task = self.tasks[t]
+            console.rule(f"task {t + 1}/{len(self.tasks)}: {task.name}")
+            started = time.perf_counter()
+            L.seed_everything(cfg.seed * 1000 + t, verbose=False)
+            method.begin_task(t, task)
+            train_stats = self._fit(method, t)
+            train_seconds = time.perf_counter() - started
+            self._evaluate(method, row=t + 1, label=f"after {task.name}",
+                           extra={"train": train_stats, "train_seconds": train_seconds,
+                                  "params": method.param_report()},
+                           state=method.checkpoint_state())
+        metrics = self.metrics(method)
+        method.write_artifacts(self.run_dir)
+        self.store.finish(metrics)
+        console.print(f"[green]done[/] OP {metrics['OP']:.4f}  BWT {metrics['BWT']:.4f}  FWT {metrics['FWT']:.4f}"
+                      f"  -> {self.run_dir}")
+        return self.run_dir
+
+    def _restore(self, method: CLMethod, stages: list[int], last_done: int) -> None:
+        for t in stages:
+            if t > last_done:
+                break
+            L.seed_everything(self.cfg.seed * 1000 + t, verbose=False)
+            method.begin_task(t, self.tasks[t])
+        method.load_checkpoint_state(self.store.load_state(last_done + 1))
+
+    def _trainer(self, **kwargs: Any) -> L.Trainer:
+        cfg = self.cfg
+        callbacks = kwargs.pop("callbacks", [])
+        if cfg.progress:
+            callbacks.append(RichProgressBar(leave=False))
+        return L.Trainer(
+            accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=cfg.progress,
+            callbacks=callbacks, **kwargs,
+        )
+
+    def _fit(self, method: CLMethod, t: int) -> dict[str, Any]:
+        cfg = self.cfg
+        task = self.tasks[t]
+        examples = method.train_examples(t, self.tasks)
+        collate = Collator(self.tokenizer, self.resolved["identity"]["run"]["max_prompt_len"],
+                           self.resolved["identity"]["run"]["max_answer_len"], train=True)
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + t)
+        loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                            generator=generator)
+        meter = ThroughputMeter()
+        epochs = cfg.epochs or task.spec.epochs
+        trainer = self._trainer(
+            max_epochs=epochs, max_steps=cfg.max_steps_per_task or -1, callbacks=[meter],
+            logger=CSVLogger(self.run_dir, name="logs", version=f"task-{t + 1}"), log_every_n_steps=5,
+            accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=cfg.gradient_clip_val,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer.fit(method, train_dataloaders=loader)
+        method.end_task(t, task, train_loader=loader)
+        return {**meter.summary(), "examples": len(examples), "epochs": epochs}
+
+    def _evaluate(self, method: CLMethod, row: int, label: str, extra: dict[str, Any] | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> None:
+        cfg = self.cfg
+        collate = Collator(self.tokenizer, self.resolved["identity"]["run"]["max_prompt_len"], train=False)
+        give_task_id = method.task_aware or cfg.oracle_task_id
+        trainer = self._trainer(logger=False)
+        scores, timings = {}, {}
+        extra_scores: dict[str, dict[str, float]] = {}
+        eval_seconds = 0.0
+        predictions: dict[str, list[dict[str, str]]] = {}
+        for j, task in enumerate(self.tasks):
+            max_new = cfg.max_new_tokens or task.spec.max_new_tokens
+            records = [{"prompt": r["prompt"], "index": i, **({"task_id": j} if give_task_id else {})}
+                       for i, r in enumerate(task.test)]
+
+            def collate_eval(batch: list[dict[str, Any]], _max_new: int = max_new) -> dict[str, Any]:
+                out = collate(batch)
+                out["max_new_tokens"] = _max_new
+                return out
+
+            loader = DataLoader(records, batch_size=cfg.eval_batch_size, collate_fn=collate_eval)
+            started = time.perf_counter()
+            trainer.predict(method, dataloaders=loader, return_predictions=False)
+            elapsed = time.perf_counter() - started
+            eval_seconds += elapsed
+            timings[task.name] = 1000 * elapsed / len(records)
+            preds = method.collected_predictions()
+            answers = [r["answer"] for r in task.test]
+            prompts = [r["prompt"] for r in task.test]
+            scores[task.name] = score(task.spec.metric, preds, answers, prompts)
+            for metric, value in method.evaluation_report(j, task).items():
+                extra_scores.setdefault(metric, {})[task.name] = value
+            predictions[task.name] = [{"prompt": p, "answer": a, "prediction": y}
+                                      for p, a, y in zip(prompts, answers, preds, strict=True)]
+        record = {"label": label, "scores": scores, "extra_scores": extra_scores,
+                  "inference_ms_per_example": timings, "eval_seconds": eval_seconds,
+                  "peak_memory_mb": peak_memory_mb(), **(extra or {})}
+        if trainer.is_global_zero:
+            for name, recs in predictions.items():
+                self.store.write_predictions(row, name, recs)
+            if state is not None:
+                self.store.save_state(row, state)
+            self.store.add_row(row, record, self.task_names)
+            if state is not None:
+                self.store.prune_states(row)
+        line = "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        console.print(f"[cyan]{label}[/]: {line}")
+
+    # ---- summary ---------------------------------------------------------------------------------------------
+    def metrics(self, method: CLMethod) -> dict[str, Any]:
+        """metrics.json: OP/BWT/FWT, R, parameter growth, speed, memory, provenance."""
+        rows = self.store.rows()
+        T = len(self.tasks)
+        R = np.full((T + 1, T), np.nan)
+        for i, rec in rows.items():
+            R[i] = [rec["scores"].get(n, np.nan) for n in self.task_names]
+        trained = [rows[i] for i in sorted(rows) if i > 0]
+        inference = [np.mean(list(rec["inference_ms_per_example"].values())) for rec in rows.values()]
+        return {
+            "method": self.cfg.method, "benchmark": self.cfg.benchmark, "order": self.cfg.order,
+            "seed": self.cfg.seed, "model": self.cfg.model, "tasks": self.task_names,
+            "task_aware": bool(method.task_aware or self.cfg.oracle_task_id),
+            "joint_training": bool(method.joint_training),
+            "OP": cl_metrics.overall_performance(R) if not np.isnan(R[T]).any() else float("nan"),
+            "BWT": cl_metrics.backward_transfer(R), "FWT": cl_metrics.forward_transfer(R),
+            "R": R.tolist(),
+            "params": [{"after": rec["label"], **rec["params"]} for rec in trained],
+            "train_tokens_per_s": float(np.mean([rec["train"]["tokens_per_s"] for rec in trained])),
+            "train_step_time_s": float(np.mean([rec["train"]["step_time_s"] for rec in trained])),
+            "inference_ms_per_example": float(np.mean(inference)),
+            "peak_memory_mb": float(max(rec["peak_memory_mb"] for rec in rows.values())),
+            "train_wall_time_s": float(sum(rec["train_seconds"] for rec in trained)),
+            "wall_time_s": float(sum(rec.get("train_seconds", 0.0) + rec["eval_seconds"] for rec in rows.values())),
+            "data_manifest_digest": self.resolved["identity"]["data_manifest_digest"],
+            "method_config": to_dict(self.method_cfg),
+            "versions": versions(), "git_commit": git_commit(), "command": self.command,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+        }
+
+
+def load_run_config(path: str | None, overrides: dict[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
+    """Merge a YAML run file (run keys at top level, method knobs under ``method_config:``) with CLI overrides."""
+    data = load_yaml(path) if path else {}
+    method_cfg = data.pop("method_config", {}) or {}
+    if not isinstance(method_cfg, dict):
+        raise ConfigError(f"{path}: method_config must be a mapping")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return build(RunConfig, data, where=f"run config{f' {path}' if path else ''}"), method_cfg

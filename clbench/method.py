@@ -1,0 +1,199 @@
+"""The CLMethod contract: a LightningModule with per-task hooks that every continual-learning method subclasses.
+
+Life cycle the harness drives, for each task ``t`` of the order (0-based)::
+
+    begin_task(t, task)          grow / freeze parameters; must set requires_grad from scratch (resume replays it)
+    train_examples(t, tasks)     the records to fit on (replay mixes its buffer in, mtl returns every task)
+    Trainer.fit(...)             training_step = LM loss on answer tokens + Σ regularizer(batch, out) terms
+    end_task(t, task)            compute state kept in parameters/buffers (Fisher, anchors, keys); never re-run on resume
+    predict_step(batch)          greedy generation with NO task id, unless the method is task-aware or the run
+                                 asks for the oracle task id (``batch["task_id"]`` is present then)
+
+Resume: the harness rebuilds the method, replays ``begin_task`` for finished tasks and loads
+:meth:`checkpoint_state`. So all state that must survive a crash lives in parameters or buffers, never in plain
+Python attributes (this is also what makes DDP spawn/fork work, where only the state dict returns to the parent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+
+from clbench.benchmark import Task
+
+
+@dataclass
+class MethodConfig:
+    """Knobs every method has; subclasses add theirs (``config_class``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+
+class CLMethod(L.LightningModule):
+    """Base class of every continual-learning method (see the module docstring for the life cycle).
+
+    Class attributes: ``name`` (set by ``@register_method``), ``config_class`` (a dataclass; unknown keys are an
+    error), ``task_aware`` (True only for oracle references that are told the task id at test time),
+    ``joint_training`` (True for the multi-task upper bound, trained once on all tasks).
+    """
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type] = MethodConfig
+    task_aware: ClassVar[bool] = False
+    joint_training: ClassVar[bool] = False
+    supports_oracle_task_id: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: MethodConfig, num_tasks: int):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.num_tasks = num_tasks
+        self.current_task = -1
+        self.base_param_count = sum(p.numel() for p in model.parameters())
+        # Base tensors are tracked by identity: adapters (peft) rename their keys but keep the same tensors.
+        self._base_ids = {id(t) for t in (*model.parameters(), *model.buffers())}
+        self._trained_names: set[str] = set()
+        self._predictions: list[tuple[int, str]] = []
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ---- task hooks -------------------------------------------------------------------------------------------
+    def begin_task(self, t: int, task: Task) -> None:
+        """Prepare for task ``t``: grow and set trainability. Default: nothing besides recording the task index."""
+        self.current_task = t
+
+    def train_examples(self, t: int, tasks: list[Task]) -> list[dict[str, Any]]:
+        """Records to fit on for task ``t`` given every task of the order; default: task t's training split."""
+        return tasks[t].train
+
+    def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
+        """After fitting task ``t``: compute state kept in buffers (Fisher, anchors, keys). Default: nothing."""
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def regularizer(self, batch: dict[str, torch.Tensor], out: Any) -> dict[str, torch.Tensor]:
+        """Extra loss terms by name (each logged); the training loss is LM loss + their sum. Default: none."""
+        return {}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """LM forward on a collated training batch; methods that route per example override this."""
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """LM loss on answer tokens (labels are -100 elsewhere) plus every regularizer term."""
+        out = self(batch)
+        terms = self.regularizer(batch, out)
+        loss = out.loss + sum(terms.values()) if terms else out.loss
+        bs = batch["input_ids"].shape[0]
+        self.log("train/lm_loss", out.loss.detach(), prog_bar=True, batch_size=bs)
+        for key, value in terms.items():
+            self.log(f"train/{key}", value.detach(), prog_bar=True, batch_size=bs)
+        return loss
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates (requires_grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        """AdamW on the trainable parameters, with an optional linear warm-up."""
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"method '{self.name}' has no trainable parameters for task {self.current_task}")
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.warmup_steps <= 0:
+            return opt
+        warm = self.cfg.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Remember which base weights were trained (they must go into the checkpoint)."""
+        self._trained_names |= {n for n, p in self.named_parameters() if p.requires_grad and id(p) in self._base_ids}
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+        """Greedy generation for a left-padded batch; returns only the new tokens. Methods may route first."""
+        out = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return out[:, batch["input_ids"].shape[1] :]
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """Generate answers; collected with their example index so multi-process runs can gather and sort them."""
+        new_tokens = self.generate(batch, int(batch["max_new_tokens"]))
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        self._predictions.extend(zip(batch["index"].tolist(), texts, strict=True))
+        return texts
+
+    def on_predict_epoch_start(self) -> None:
+        """Start a fresh prediction buffer."""
+        self._predictions = []
+
+    def on_predict_epoch_end(self) -> None:
+        """Gather every rank's predictions (object all-gather) so rank 0 can write them in example order."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self._predictions)
+            merged = {i: text for part in gathered for i, text in part}
+        else:
+            merged = dict(self._predictions)
+        self._predictions = sorted(merged.items())
+
+    def collected_predictions(self) -> list[str]:
+        """Predictions of the last predict epoch, in example order."""
+        return [text for _, text in self._predictions]
+
+    def evaluation_report(self, j: int, task: Task) -> dict[str, float]:
+        """Called after task ``j``'s test split was predicted (the method was not told ``j`` while predicting).
+
+        Return extra per-task metrics by name (e.g. MoSEs' ``task_id_accuracy``); the harness stores each as a
+        matrix beside R (``<name>.csv`` in the run folder). Default: none.
+        """
+        return {}
+
+    def write_artifacts(self, run_dir: Path) -> None:
+        """Write method-specific files into the run folder at the end of a run (e.g. an expert-usage map)."""
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------------
+    def param_report(self) -> dict[str, int]:
+        """Parameter counts: ``trainable`` now, ``added`` beyond the base model, ``total``.
+
+        Methods with pre-allocated pools override ``added`` to count only what tasks actually use.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable": trainable, "added": total - self.base_param_count, "total": total}
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """State that must survive a crash: every tensor the method added plus any base weight it trained.
+
+        Frozen base weights are never copied.
+        """
+        state = {n: p.detach().clone() for n, p in self.named_parameters()
+                 if id(p) not in self._base_ids or n in self._trained_names}
+        state.update({n: b.detach().clone() for n, b in self.named_buffers() if id(b) not in self._base_ids})
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`checkpoint_state` after ``begin_task`` has been replayed for the finished tasks."""
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise RuntimeError(f"checkpoint has tensors this method does not: {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+        self._trained_names |= {k for k in state if id(own[k]) in self._base_ids}

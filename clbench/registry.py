@@ -1,0 +1,129 @@
+"""Name -> method class / benchmark factory.
+
+Built-ins register themselves with the decorators below when the ``clbench.methods`` / ``clbench.benchmarks``
+packages are scanned; third-party packages add theirs through the entry-point groups of the same names, e.g. in
+their pyproject::
+
+    [project.entry-points."clbench.methods"]
+    my-method = "my_pkg.my_method:MyMethod"
+
+The core never imports a specific method or benchmark module by name: it only scans these two namespaces.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+METHOD_GROUP = "clbench.methods"
+BENCHMARK_GROUP = "clbench.benchmarks"
+
+_METHODS: dict[str, type] = {}
+_BENCHMARKS: dict[str, Callable[..., Any]] = {}
+_loaded = False
+
+
+class RegistryError(KeyError):
+    """Unknown method or benchmark name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; a user wants the sentence
+        return str(self.args[0])
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Class decorator: make a CLMethod subclass available as ``clbench run --method NAME``."""
+
+    def deco(cls: type) -> type:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def register_benchmark(name: str, metrics: dict[str, str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a factory ``f(data_dir, limit_train, limit_eval, limit_test) -> Benchmark``.
+
+    ``metrics`` maps each task name to its scorer, so ``clbench score`` works without the benchmark's data.
+    """
+
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        factory.metrics = dict(metrics)
+        _BENCHMARKS[name] = factory
+        return factory
+
+    return deco
+
+
+def _scan(package: str) -> None:
+    module = importlib.import_module(package)
+    for info in pkgutil.iter_modules(module.__path__, package + "."):
+        if not info.name.rsplit(".", 1)[-1].startswith("_"):
+            importlib.import_module(info.name)
+
+
+def _load_entry_points(group: str, table: dict[str, Any], decorate: bool) -> None:
+    for ep in entry_points(group=group):
+        if ep.name in table:
+            continue
+        obj = ep.load()
+        if decorate:
+            obj.name = ep.name
+        table[ep.name] = obj
+
+
+def load_all() -> None:
+    """Import built-in methods and benchmarks and the entry points of installed plugins (once)."""
+    global _loaded
+    if _loaded:
+        return
+    _scan(METHOD_GROUP)
+    _scan(BENCHMARK_GROUP)
+    _load_entry_points(METHOD_GROUP, _METHODS, decorate=True)
+    _load_entry_points(BENCHMARK_GROUP, _BENCHMARKS, decorate=False)
+    _loaded = True
+
+
+def _lookup(kind: str, name: str, table: dict[str, Any]) -> Any:
+    load_all()
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RegistryError(f"unknown {kind} '{name}'{hint} (known: {', '.join(sorted(table))})")
+    return table[name]
+
+
+def get_method(name: str) -> type:
+    """The CLMethod subclass registered as ``name``."""
+    return _lookup("method", name, _METHODS)
+
+
+def get_benchmark(name: str) -> Callable[..., Any]:
+    """The benchmark factory registered as ``name``."""
+    return _lookup("benchmark", name, _BENCHMARKS)
+
+
+def task_metric(benchmark: str, task: str) -> str:
+    """The scorer name of ``task`` in ``benchmark`` (an unknown task names the nearest one)."""
+    metrics = getattr(get_benchmark(benchmark), "metrics", {})
+    if task not in metrics:
+        close = difflib.get_close_matches(task, list(metrics), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RegistryError(f"benchmark '{benchmark}' has no task '{task}'{hint} (tasks: {', '.join(metrics)})")
+    return metrics[task]
+
+
+def methods() -> dict[str, type]:
+    """All registered methods by name."""
+    load_all()
+    return dict(sorted(_METHODS.items()))
+
+
+def benchmarks() -> dict[str, Callable[..., Any]]:
+    """All registered benchmark factories by name."""
+    load_all()
+    return dict(sorted(_BENCHMARKS.items()))

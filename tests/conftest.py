@@ -1,0 +1,45 @@
+"""Shared fixtures: a TRACE-layout data folder with the 8 real task names, and fast tiny-model run settings."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+TASKS = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+
+
+def make_trace_layout(root: Path, n_train: int = 12, n_eval: int = 4, n_test: int = 4, seed: int = 0) -> Path:
+    """Write ``root/<Task>/{train,eval,test}.json`` with short synthetic records for all 8 TRACE tasks."""
+    rng = random.Random(seed)
+    for task in TASKS:
+        for split, n in (("train", n_train), ("eval", n_eval), ("test", n_test)):
+            records = []
+            for i in range(n):
+                a, b = rng.randint(1, 9), rng.randint(1, 9)
+                answer = {"C-STANCE": "ABC"[i % 3], "FOMC": "ABC"[(i + 1) % 3], "ScienceQA": "ABCD"[i % 4],
+                          "NumGLUE-cm": str(a + b), "NumGLUE-ds": str(a * b)}.get(task, f"say {a} and {b}")
+                records.append({"prompt": f"{task} {split} {i}: {a} ? {b} =", "answer": answer})
+            folder = root / task
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}.json").write_text(json.dumps(records))
+    return root
+
+
+@pytest.fixture
+def trace_dir(tmp_path: Path) -> Path:
+    """A small TRACE-layout folder with TRACE's 8 task names."""
+    return make_trace_layout(tmp_path / "data")
+
+
+def tiny_run(tmp_path: Path, data_dir: Path, **overrides):
+    """RunConfig for a 2-task run of the tiny random model that takes seconds."""
+    from clbench.harness import RunConfig
+
+    values = dict(method="lora", benchmark="trace-mini", data_dir=str(data_dir), model="tiny", num_tasks=2,
+                  max_steps_per_task=3, batch_size=4, eval_batch_size=4, precision="32-true", progress=False,
+                  max_new_tokens=4, out=str(tmp_path / "run"))
+    values.update(overrides)
+    return RunConfig(**values)

@@ -1,0 +1,101 @@
+"""The CL loop end to end on the tiny random model: run folder contents, resume after a crash, task-agnostic eval."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_run
+
+from clbench.harness import Harness
+
+
+def test_two_task_run_writes_a_complete_run_folder(tmp_path, trace_dir):
+    run_dir = Harness(tiny_run(tmp_path, trace_dir)).run()
+    assert (run_dir / "DONE").is_file()
+    R = pd.read_csv(run_dir / "R.csv", index_col=0)
+    assert list(R.columns) == ["C-STANCE", "FOMC"]
+    assert list(R.index) == ["zero-shot", "after-1:C-STANCE", "after-2:FOMC"]
+    assert R.notna().all().all()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("OP", "BWT", "FWT", "params", "train_tokens_per_s", "inference_ms_per_example", "peak_memory_mb",
+                "versions", "command", "data_manifest_digest"):
+        assert key in metrics, key
+    assert metrics["OP"] == pytest.approx(R.iloc[-1].mean())
+    assert metrics["params"][-1]["added"] > 0 and metrics["params"][-1]["trainable"] > 0
+    preds = json.loads((run_dir / "predictions" / "after-2" / "FOMC.json").read_text())
+    assert set(preds[0]) == {"prompt", "answer", "prediction"} and len(preds) == 4
+    config = (run_dir / "config.yaml").read_text()
+    assert "data_manifest" in config and "lora" in config
+
+
+def test_no_task_id_reaches_a_task_agnostic_method(tmp_path, trace_dir, monkeypatch):
+    from clbench.method import CLMethod
+
+    seen = []
+    original = CLMethod.predict_step
+
+    def spy(self, batch, batch_idx, dataloader_idx=0):
+        seen.append("task_id" in batch)
+        return original(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(CLMethod, "predict_step", spy)
+    Harness(tiny_run(tmp_path, trace_dir, num_tasks=1)).run()
+    assert seen and not any(seen)
+
+
+def test_killed_run_resumes_after_last_finished_task_with_identical_R(tmp_path, trace_dir, monkeypatch):
+    full = Harness(tiny_run(tmp_path, trace_dir, out=str(tmp_path / "full"), seed=3)).run()
+    R_full = pd.read_csv(full / "R.csv", index_col=0).to_numpy()
+
+    crashed_cfg = tiny_run(tmp_path, trace_dir, out=str(tmp_path / "crash"), seed=3)
+    original_fit = Harness._fit
+    fits = []
+
+    def crash_on_second_task(self, method, t):
+        if t == 1:
+            raise KeyboardInterrupt
+        fits.append(t)
+        return original_fit(self, method, t)
+
+    monkeypatch.setattr(Harness, "_fit", crash_on_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        Harness(crashed_cfg).run()
+    crash_dir = tmp_path / "crash"
+    assert not (crash_dir / "DONE").exists() and not (crash_dir / "metrics.json").exists()
+    assert sorted(pd.read_csv(crash_dir / "R.csv", index_col=0).dropna().index) == ["after-1:C-STANCE", "zero-shot"]
+
+    monkeypatch.setattr(Harness, "_fit", lambda self, method, t: (fits.append(t), original_fit(self, method, t))[1])
+    Harness(crashed_cfg).run()
+    assert fits == [0, 1]  # task 1 trained once before the crash, only task 2 after it
+    R_resumed = pd.read_csv(crash_dir / "R.csv", index_col=0).to_numpy()
+    np.testing.assert_array_equal(R_resumed, R_full)
+    full_preds = json.loads((full / "predictions" / "after-2" / "C-STANCE.json").read_text())
+    resumed_preds = json.loads((crash_dir / "predictions" / "after-2" / "C-STANCE.json").read_text())
+    assert full_preds == resumed_preds
+    assert list((crash_dir / "state").glob("*.pt")) == [crash_dir / "state" / "after-2.pt"]
+
+
+def test_rerun_of_a_different_config_into_the_same_folder_is_refused(tmp_path, trace_dir):
+    from clbench.results import RunConflictError
+
+    Harness(tiny_run(tmp_path, trace_dir, num_tasks=1)).run()
+    with pytest.raises(RunConflictError, match="different config"):
+        Harness(tiny_run(tmp_path, trace_dir, num_tasks=1, seed=1)).run()
+
+
+def test_seqft_trains_base_weights_and_checkpoints_them(tmp_path, trace_dir):
+    from clbench.models import tiny_model
+    from clbench.registry import get_method
+
+    run_dir = Harness(tiny_run(tmp_path, trace_dir, method="seqft", num_tasks=1, max_steps_per_task=2)).run()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["params"][0]["added"] == 0
+    assert metrics["params"][0]["trainable"] == metrics["params"][0]["total"]
+    method = get_method("seqft")(tiny_model().model, None, get_method("seqft").config_class(), 1)
+    import torch
+
+    state = torch.load(run_dir / "state" / "after-1.pt", weights_only=True)
+    assert set(state) == {n for n, _ in method.named_parameters()}
