@@ -67,9 +67,8 @@ class Benchmark:
 
     def manifest(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Per task and split: record count and a content hash, so runs on different data are never mixed up."""
-        return {
-            name: {split: _split_manifest(getattr(task, split)) for split in SPLITS} for name, task in self.tasks.items()
-        }
+        return {name: {split: _split_manifest(getattr(task, split)) for split in SPLITS}
+                for name, task in self.tasks.items()}
 
 
 def _split_manifest(records: list[dict[str, str]]) -> dict[str, Any]:
@@ -91,7 +90,8 @@ def read_split(path: Path, limit: int | None = None) -> list[dict[str, str]]:
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
     if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of {{\"prompt\", \"answer\"}} records, got {type(records).__name__}")
+        kind = type(records).__name__
+        raise DataError(f"{path}: expected a JSON list of {{\"prompt\", \"answer\"}} records, got {kind}")
     if not records:
         raise DataError(f"{path}: the task has no records")
     for i, rec in enumerate(records):

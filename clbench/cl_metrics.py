@@ -49,7 +49,7 @@ def bwt_clipped(R: np.ndarray) -> float:
 
 
 def forgetting_max_drop(R: np.ndarray) -> float:
-    """Average forgetting (Chaudhry et al. 2018): 1/(T-1) Σ_{j<T} max_{i<T} (R[i, j] − R[T, j]), i from j's training on."""
+    """Average forgetting (Chaudhry et al. 2018): 1/(T-1) Σ_{j<T} max_{j≤i<T} (R[i, j] − R[T, j])."""
     R, T = _check(R)
     if T < 2:
         return float("nan")

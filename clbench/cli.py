@@ -150,8 +150,8 @@ def score(
 ) -> None:
     """Score a predictions file with the task's TRACE scorer."""
     from clbench.benchmark import DataError
-    from clbench.scores import score as score_fn
     from clbench.registry import task_metric
+    from clbench.scores import score as score_fn
 
     try:
         metric = task_metric(benchmark, task)

@@ -1,4 +1,4 @@
-"""The YAML defaults shipped in ``configs/`` (installed as ``clbench.configs``): one file per method, hardware profile."""
+"""YAML defaults shipped in ``configs/`` (installed as ``clbench.configs``): one file per method / hardware profile."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from torch.utils.data import DataLoader
 
@@ -44,6 +45,17 @@ from clbench.results import RunStore
 from clbench.scores import score
 
 console = Console(stderr=True)
+
+
+def is_rank_zero() -> bool:
+    """True in the process that writes results (Lightning sets the rank from the launcher's environment)."""
+    return rank_zero_only.rank == 0
+
+
+def say(*args: Any, rule: bool = False) -> None:
+    """Print on rank 0 only, so multi-process runs do not repeat every line."""
+    if is_rank_zero():
+        (console.rule if rule else console.print)(*args)
 
 
 @dataclass
@@ -72,6 +84,7 @@ class RunConfig:
     max_new_tokens: int | None = None
     accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "bf16-mixed"
     gradient_clip_val: float | None = 1.0
@@ -95,7 +108,8 @@ class ThroughputMeter(Callback):
         self._first_seconds = 0.0
         self._first_tokens = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -167,6 +181,22 @@ def versions() -> dict[str, str]:
     }
 
 
+def check_strategy(cfg: RunConfig) -> None:
+    """Refuse strategy/hardware combinations that cannot work, before any model is loaded (no hang, one line)."""
+    import importlib.util
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    name = cfg.strategy
+    if name != "auto" and name not in StrategyRegistry.available_strategies():
+        raise ConfigError(f"unknown strategy '{name}' (Lightning knows: {', '.join(StrategyRegistry)})")
+    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"strategy '{name}' needs the deepspeed package: pip install deepspeed")
+    on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and (name.startswith("fsdp") or name.startswith("deepspeed")):
+        raise ConfigError(f"strategy '{name}' needs CUDA GPUs; on CPU use --strategy ddp (gloo)")
+
+
 class Harness:
     """Runs one method over one benchmark order; see the module docstring for the loop."""
 
@@ -179,6 +209,7 @@ class Harness:
                                 where=f"method '{cfg.method}' config")
         if cfg.oracle_task_id and not (self.method_cls.supports_oracle_task_id or self.method_cls.task_aware):
             raise ConfigError(f"method '{cfg.method}' cannot use --oracle-task-id (it has no per-task routing)")
+        check_strategy(cfg)
         factory = registry.get_benchmark(cfg.benchmark)
         self.benchmark: Benchmark = factory(data_dir=cfg.data_dir, limit_train=cfg.limit_train,
                                             limit_eval=cfg.limit_eval, limit_test=cfg.limit_test)
@@ -214,23 +245,23 @@ class Harness:
         _quiet_lightning()
         cfg = self.cfg
         if self.store.finished:
-            console.print(f"[green]already finished:[/] {self.run_dir} (delete it to run again)")
+            say(f"[green]already finished:[/] {self.run_dir} (delete it to run again)")
             return self.run_dir
         loaded = load_model(cfg.model)
         self.tokenizer = loaded.tokenizer
         L.seed_everything(cfg.seed, verbose=False)
         method = self.method_cls(loaded.model, loaded.tokenizer, self.method_cfg, num_tasks=len(self.tasks))
-        resuming = self.store.claim(self.resolved)
+        resuming = self.store.claim(self.resolved, write=is_rank_zero())
         rows = self.store.rows()
         stages = [len(self.tasks) - 1] if method.joint_training else list(range(len(self.tasks)))
         done_stages = [t for t in stages if t + 1 in rows]
         if done_stages:
             self._restore(method, stages, done_stages[-1])
         if resuming:
-            console.print(f"[yellow]resuming[/] {self.run_dir}: {len(done_stages)} of {len(stages)} tasks done")
+            say(f"[yellow]resuming[/] {self.run_dir}: {len(done_stages)} of {len(stages)} tasks done")
         else:
-            console.print(f"[bold]clbench run[/] {cfg.method} on {cfg.benchmark} order {cfg.order} seed {cfg.seed}"
-                          f" -> {self.run_dir}")
+            say(f"[bold]clbench run[/] {cfg.method} on {cfg.benchmark} order {cfg.order} seed {cfg.seed}"
+                f" -> {self.run_dir}")
 
         if cfg.zero_shot and 0 not in rows:
             self._evaluate(method, row=0, label="zero-shot")
@@ -238,7 +269,7 @@ class Harness:
             if t + 1 in rows:
                 continue
             task = self.tasks[t]
-            console.rule(f"task {t + 1}/{len(self.tasks)}: {task.name}")
+            say(f"task {t + 1}/{len(self.tasks)}: {task.name}", rule=True)
             started = time.perf_counter()
             L.seed_everything(cfg.seed * 1000 + t, verbose=False)
             method.begin_task(t, task)
@@ -248,11 +279,12 @@ class Harness:
                            extra={"train": train_stats, "train_seconds": train_seconds,
                                   "params": method.param_report()},
                            state=method.checkpoint_state())
-        metrics = self.metrics(method)
-        method.write_artifacts(self.run_dir)
-        self.store.finish(metrics)
-        console.print(f"[green]done[/] OP {metrics['OP']:.4f}  BWT {metrics['BWT']:.4f}  FWT {metrics['FWT']:.4f}"
-                      f"  -> {self.run_dir}")
+        if is_rank_zero():
+            metrics = self.metrics(method)
+            method.write_artifacts(self.run_dir)
+            self.store.finish(metrics)
+            say(f"[green]done[/] OP {metrics['OP']:.4f}  BWT {metrics['BWT']:.4f}  FWT {metrics['FWT']:.4f}"
+                f"  -> {self.run_dir}")
         return self.run_dir
 
     def _restore(self, method: CLMethod, stages: list[int], last_done: int) -> None:
@@ -263,13 +295,21 @@ class Harness:
             method.begin_task(t, self.tasks[t])
         method.load_checkpoint_state(self.store.load_state(last_done + 1))
 
+    def _strategy(self) -> str:
+        # Methods whose active experts change per batch leave some trainable parameters without a gradient in a
+        # step; DDP must then look for unused parameters or it stops with an error.
+        if self.cfg.strategy in ("ddp", "ddp_spawn", "ddp_fork") and self.method_cls.ddp_find_unused_parameters:
+            return f"{self.cfg.strategy}_find_unused_parameters_true"
+        return self.cfg.strategy
+
     def _trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.cfg
         callbacks = kwargs.pop("callbacks", [])
         if cfg.progress:
             callbacks.append(RichProgressBar(leave=False))
         return L.Trainer(
-            accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=self._strategy(),
+            precision=cfg.precision,
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=cfg.progress,
             callbacks=callbacks, **kwargs,
         )
@@ -310,6 +350,8 @@ class Harness:
             max_new = cfg.max_new_tokens or task.spec.max_new_tokens
             records = [{"prompt": r["prompt"], "index": i, **({"task_id": j} if give_task_id else {})}
                        for i, r in enumerate(task.test)]
+            # similar lengths share a batch (less padding); the index restores the file order afterwards
+            records.sort(key=lambda r: len(r["prompt"]))
 
             def collate_eval(batch: list[dict[str, Any]], _max_new: int = max_new) -> dict[str, Any]:
                 out = collate(batch)
@@ -342,7 +384,7 @@ class Harness:
             if state is not None:
                 self.store.prune_states(row)
         line = "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        console.print(f"[cyan]{label}[/]: {line}")
+        say(f"[cyan]{label}[/]: {line}")
 
     # ---- summary ---------------------------------------------------------------------------------------------
     def metrics(self, method: CLMethod) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Life cycle the harness drives, for each task ``t`` of the order (0-based)::
     begin_task(t, task)          grow / freeze parameters; must set requires_grad from scratch (resume replays it)
     train_examples(t, tasks)     the records to fit on (replay mixes its buffer in, mtl returns every task)
     Trainer.fit(...)             training_step = LM loss on answer tokens + Σ regularizer(batch, out) terms
-    end_task(t, task)            compute state kept in parameters/buffers (Fisher, anchors, keys); never re-run on resume
+    end_task(t, task)            compute state kept in parameters/buffers (Fisher, anchors, keys); not re-run on resume
     predict_step(batch)          greedy generation with NO task id, unless the method is task-aware or the run
                                  asks for the oracle task id (``batch["task_id"]`` is present then)
 
@@ -41,7 +41,9 @@ class CLMethod(L.LightningModule):
 
     Class attributes: ``name`` (set by ``@register_method``), ``config_class`` (a dataclass; unknown keys are an
     error), ``task_aware`` (True only for oracle references that are told the task id at test time),
-    ``joint_training`` (True for the multi-task upper bound, trained once on all tasks).
+    ``joint_training`` (True for the multi-task upper bound, trained once on all tasks),
+    ``supports_oracle_task_id`` (accepts ``batch["task_id"]`` under ``--oracle-task-id``),
+    ``ddp_find_unused_parameters`` (some trainable parameters may get no gradient in a step, e.g. routed experts).
     """
 
     name: ClassVar[str] = "base"
@@ -49,6 +51,7 @@ class CLMethod(L.LightningModule):
     task_aware: ClassVar[bool] = False
     joint_training: ClassVar[bool] = False
     supports_oracle_task_id: ClassVar[bool] = False
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: MethodConfig, num_tasks: int):
         super().__init__()

