@@ -1,4 +1,4 @@
-"""The ``clbench`` command: run, list, leaderboard, score (and the commands later modules add).
+"""The ``clbench`` command: run, list, leaderboard, report, score (and the commands later modules add).
 
 Every user error (unknown name, bad data, config typo) ends in one ``error: ...`` line on stderr and exit code 2.
 """
@@ -53,6 +53,7 @@ def run(
     = None,
     precision: Annotated[str | None, typer.Option(help="Lightning precision, e.g. bf16-mixed, 32-true")] = None,
     batch_size: Annotated[int | None, typer.Option(help="micro-batch size per device")] = None,
+    eval_batch_size: Annotated[int | None, typer.Option(help="generation batch size per device")] = None,
     micro_batch_size: Annotated[int | None, typer.Option(help="alias of --batch-size")] = None,
     accumulate_grad_batches: Annotated[int | None, typer.Option()] = None,
     epochs: Annotated[int | None, typer.Option(help="epochs per task (default: the benchmark's per-task epochs)")]
@@ -68,6 +69,8 @@ def run(
     oracle_task_id: Annotated[bool, typer.Option("--oracle-task-id", help="give the true task id at test time")]
     = False,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    stop_after: Annotated[int | None, typer.Option(help="train at most N tasks in this sitting; rerun to resume")]
+    = None,
 ) -> None:
     """Train METHOD through BENCHMARK's task order, evaluating every task after each one (resumable)."""
     from clbench.config import parse_overrides
@@ -78,12 +81,12 @@ def run(
         overrides: dict[str, Any] = {
             "method": method, "benchmark": benchmark, "order": order, "seed": seed, "model": model,
             "data_dir": data_dir, "out": out, "devices": devices, "accelerator": accelerator, "strategy": strategy,
-            "precision": precision, "batch_size": batch_size or micro_batch_size,
+            "precision": precision, "batch_size": batch_size or micro_batch_size, "eval_batch_size": eval_batch_size,
             "accumulate_grad_batches": accumulate_grad_batches, "epochs": epochs,
             "max_steps_per_task": max_steps_per_task, "num_tasks": num_tasks, "limit_train": limit_train,
             "limit_eval": limit_eval, "limit_test": limit_test, "max_new_tokens": max_new_tokens,
             "zero_shot": False if no_zero_shot else None, "oracle_task_id": True if oracle_task_id else None,
-            "progress": False if no_progress else None,
+            "progress": False if no_progress else None, "stop_after": stop_after,
         }
         if hardware:
             overrides = {**hardware_profile(hardware), **{k: v for k, v in overrides.items() if v is not None}}
@@ -129,16 +132,39 @@ def leaderboard(
     bwt_convention: Annotated[list[str] | None, typer.Option(help="also show: clipped, max-drop")] = None,
 ) -> None:
     """Aggregate finished run folders into a leaderboard CSV (mean ± std over seeds) and print it."""
-    from clbench.leaderboard import build_leaderboard, print_leaderboard
+    from clbench.leaderboard import build_leaderboard, one_line_warnings, print_leaderboard
 
     try:
-        table = build_leaderboard(runs or ["results/runs"], bwt_conventions=bwt_convention or [])
+        with one_line_warnings():  # each skipped (unfinished/corrupt) folder: one "warning: ..." line naming it
+            table = build_leaderboard(runs or ["results/runs"], bwt_conventions=bwt_convention or [])
     except ConfigError as err:
         fail(str(err))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, float_format="%.4f")
     print_leaderboard(table)
     typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them")] = None,
+    out: Annotated[str, typer.Option(help="folder for report.md and figures/")] = "results/report",
+    bwt_convention: Annotated[list[str] | None, typer.Option(help="also show: clipped, max-drop")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="only this benchmark (default: a section per group)")]
+    = None,
+    model: Annotated[str | None, typer.Option(help="only this model (default: a section per group)")] = None,
+) -> None:
+    """Write a markdown report with figures (leaderboard, accuracy matrices, trade-offs) from finished runs."""
+    from clbench.leaderboard import one_line_warnings
+    from clbench.report import NoRunsError, write_report
+
+    try:
+        with one_line_warnings():
+            path = write_report(runs or ["results/runs"], out, bwt_conventions=bwt_convention or [],
+                                benchmark=benchmark, model=model)
+    except (ConfigError, NoRunsError) as err:
+        fail(str(err))
+    typer.echo(f"wrote {path}", err=True)
 
 
 @app.command()

@@ -42,6 +42,7 @@ from clbench.configs_dir import method_defaults
 from clbench.method import CLMethod
 from clbench.models import load_model
 from clbench.results import RunStore
+from clbench.sampling import GlobalBatchSampler, ShardSampler
 from clbench.scores import score
 
 console = Console(stderr=True)
@@ -91,10 +92,11 @@ class RunConfig:
     zero_shot: bool = True
     oracle_task_id: bool = False
     progress: bool = True
+    stop_after: int | None = None
 
 
 # Fields that never change what a run computes; excluded from the run's identity (folder hash, resume check).
-_NOT_IDENTITY = {"out", "results_dir", "progress"}
+_NOT_IDENTITY = {"out", "results_dir", "progress", "stop_after"}
 
 
 class ThroughputMeter(Callback):
@@ -244,6 +246,7 @@ class Harness:
         """Train through the order (resuming after the last finished task) and write the run folder."""
         _quiet_lightning()
         cfg = self.cfg
+        self.store.check_same_config(self.resolved)
         if self.store.finished:
             say(f"[green]already finished:[/] {self.run_dir} (delete it to run again)")
             return self.run_dir
@@ -265,9 +268,14 @@ class Harness:
 
         if cfg.zero_shot and 0 not in rows:
             self._evaluate(method, row=0, label="zero-shot")
+        trained_now = 0
         for t in stages:
             if t + 1 in rows:
                 continue
+            if cfg.stop_after is not None and trained_now >= cfg.stop_after:
+                say(f"[yellow]stopping after {trained_now} task(s) as asked[/]; rerun the same command to resume")
+                return self.run_dir
+            trained_now += 1
             task = self.tasks[t]
             say(f"task {t + 1}/{len(self.tasks)}: {task.name}", rule=True)
             started = time.perf_counter()
@@ -311,6 +319,7 @@ class Harness:
             accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=self._strategy(),
             precision=cfg.precision,
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=cfg.progress,
+            use_distributed_sampler=False,  # clbench.sampling shards data so N processes match one process
             callbacks=callbacks, **kwargs,
         )
 
@@ -320,9 +329,8 @@ class Harness:
         examples = method.train_examples(t, self.tasks)
         collate = Collator(self.tokenizer, self.resolved["identity"]["run"]["max_prompt_len"],
                            self.resolved["identity"]["run"]["max_answer_len"], train=True)
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + t)
-        loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                            generator=generator)
+        sampler = GlobalBatchSampler(len(examples), cfg.batch_size, seed=cfg.seed * 1000 + t)
+        loader = DataLoader(examples, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
         meter = ThroughputMeter()
         epochs = cfg.epochs or task.spec.epochs
         trainer = self._trainer(
@@ -358,7 +366,8 @@ class Harness:
                 out["max_new_tokens"] = _max_new
                 return out
 
-            loader = DataLoader(records, batch_size=cfg.eval_batch_size, collate_fn=collate_eval)
+            loader = DataLoader(records, batch_size=cfg.eval_batch_size, collate_fn=collate_eval,
+                                sampler=ShardSampler(len(records)))
             started = time.perf_counter()
             trainer.predict(method, dataloaders=loader, return_predictions=False)
             elapsed = time.perf_counter() - started
@@ -375,7 +384,7 @@ class Harness:
         record = {"label": label, "scores": scores, "extra_scores": extra_scores,
                   "inference_ms_per_example": timings, "eval_seconds": eval_seconds,
                   "peak_memory_mb": peak_memory_mb(), **(extra or {})}
-        if trainer.is_global_zero:
+        if is_rank_zero():
             for name, recs in predictions.items():
                 self.store.write_predictions(row, name, recs)
             if state is not None:

@@ -24,6 +24,7 @@ BENCHMARK_GROUP = "clbench.benchmarks"
 
 _METHODS: dict[str, type] = {}
 _BENCHMARKS: dict[str, Callable[..., Any]] = {}
+_FROM_ENTRY_POINTS: set[tuple[str, str]] = set()  # (group, name) of plugins, so reset() can forget exactly those
 _loaded = False
 
 
@@ -74,6 +75,7 @@ def _load_entry_points(group: str, table: dict[str, Any], decorate: bool) -> Non
         if decorate:
             obj.name = ep.name
         table[ep.name] = obj
+        _FROM_ENTRY_POINTS.add((group, ep.name))
 
 
 def load_all() -> None:
@@ -86,6 +88,18 @@ def load_all() -> None:
     _load_entry_points(METHOD_GROUP, _METHODS, decorate=True)
     _load_entry_points(BENCHMARK_GROUP, _BENCHMARKS, decorate=False)
     _loaded = True
+
+
+def reset() -> None:
+    """Forget the plugins loaded from entry points so the next lookup scans them again (tests, long sessions).
+
+    Built-ins stay registered: their modules are imported once and their decorators do not run a second time.
+    """
+    global _loaded
+    for group, name in _FROM_ENTRY_POINTS:
+        (_METHODS if group == METHOD_GROUP else _BENCHMARKS).pop(name, None)
+    _FROM_ENTRY_POINTS.clear()
+    _loaded = False
 
 
 def _lookup(kind: str, name: str, table: dict[str, Any]) -> Any:

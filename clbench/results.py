@@ -68,16 +68,22 @@ class RunStore:
         """
         path = self.root / "config.yaml"
         if path.is_file():
-            old = yaml.safe_load(path.read_text())
-            diff = _first_difference(old.get("identity", {}), resolved.get("identity", {}))
-            if diff:
-                raise RunConflictError(
-                    f"{self.root} holds a run with a different config ({diff}); pass another --out or delete it"
-                )
+            self.check_same_config(resolved)
             return bool(self.rows())
         if write:
             atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
         return False
+
+    def check_same_config(self, resolved: dict[str, Any]) -> None:
+        """Raise RunConflictError when the folder holds a run whose identity differs from ``resolved``'s."""
+        path = self.root / "config.yaml"
+        if not path.is_file():
+            return
+        old = yaml.safe_load(path.read_text()) or {}
+        diff = _first_difference(old.get("identity", {}), resolved.get("identity", {}))
+        if diff:
+            raise RunConflictError(
+                f"{self.root} holds a run with a different config ({diff}); pass another --out or delete it")
 
     # ---- rows of R --------------------------------------------------------------------------------------------
     def rows(self) -> dict[int, dict[str, Any]]:
