@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# regenerate the committed leaderboard and report from the committed run folders (no training)
+results: $(STAMP)
+	$(BIN)/clbench leaderboard results/runs --out results/leaderboard.csv
+	$(BIN)/clbench report results/runs --out results/report
+
 lint: $(STAMP)
 	$(BIN)/ruff check clbench methods benchmarks tests scripts
 

@@ -1,128 +1,314 @@
-"""Aggregate run folders into one leaderboard row per method × benchmark × order × model × data (mean ± std over seeds).
+"""Aggregate run folders into one leaderboard row per method × benchmark × order × model × data × setup.
 
-Runs on different models, data manifests or task lists are never averaged together. Unfinished runs (no DONE) and
-corrupt folders are skipped with a one-line warning naming them.
+Seeds of the same experiment become one row: OP, BWT, FWT as mean ± std (sample standard deviation, n − 1) with the
+number of seeds. Runs on different models, data manifests, task counts or method/run settings ("setup": everything in
+the run's identity except seed and the grouping keys, e.g. LoRA rank, learning rate, steps) are never averaged
+together. Unfinished runs (no DONE) and corrupt folders are skipped with a one-line :class:`SkippedRunWarning` that
+names the folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from clbench import cl_metrics
 from clbench.results import DONE
 
-GROUP_KEYS = ["method", "benchmark", "order", "model", "n_tasks", "data_manifest_digest"]
+GROUP_KEYS = ["method", "benchmark", "order", "model", "n_tasks", "data_manifest_digest", "setup"]
+# the same experiment run in another task order: the order-sensitivity column compares these
+ORDER_SPREAD_KEYS = [k for k in GROUP_KEYS if k != "order"]
+COST_COLUMNS = ["added_params", "trainable_params", "train_step_time_s", "train_tokens_per_s",
+                "inference_ms_per_example", "peak_memory_mb", "train_wall_time_s"]
+REQUIRED_KEYS = ("method", "benchmark", "order", "model", "seed", "tasks", "R")
+# run settings that do not change what is computed, or that are grouping keys already
+_NOT_SETUP = {"seed", "order", "method", "benchmark", "model", "num_tasks", "data_dir", "out", "results_dir",
+              "progress", "stop_after"}
+
+
+class SkippedRunWarning(UserWarning):
+    """A run folder left out of the leaderboard (unfinished, corrupt, or a duplicate seed)."""
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
-    """Every folder under ``paths`` that holds a run (a config.yaml)."""
+    """Every folder under ``paths`` that holds a run (a config.yaml); warns about paths that do not exist."""
     found: set[Path] = set()
     for path in map(Path, paths):
         if (path / "config.yaml").is_file():
             found.add(path)
         elif path.is_dir():
             found.update(p.parent for p in path.rglob("config.yaml"))
+        else:
+            warnings.warn(f"no such run folder: {path}", SkippedRunWarning, stacklevel=2)
     return sorted(found)
 
 
-def load_run(run_dir: Path) -> dict[str, Any] | None:
-    """metrics.json of a finished run, or None with a warning (unfinished or corrupt)."""
-    if not (run_dir / DONE).is_file():
-        warnings.warn(f"skipping unfinished run (no DONE): {run_dir}", stacklevel=2)
-        return None
+def _progress_note(run_dir: Path) -> str:
+    """'k of T tasks done' for an unfinished run, best effort (the folder may be half-written or corrupt)."""
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        metrics["R"] = np.array(metrics["R"], dtype=float)
-        for key in ("method", "benchmark", "order", "model", "seed", "tasks"):
-            metrics[key]  # noqa: B018 - presence check
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        warnings.warn(f"skipping corrupt run folder {run_dir}: {type(err).__name__}: {err}", stacklevel=2)
-        return None
-    metrics["run_dir"] = str(run_dir)
+        rows = json.loads((run_dir / "progress.json").read_text())["rows"]
+        tasks = yaml.safe_load((run_dir / "config.yaml").read_text())["identity"]["tasks"]
+        return f"{sum(1 for k in rows if int(k) > 0)} of {len(tasks)} tasks done, "
+    except Exception:  # noqa: BLE001 - only decorates the warning
+        return ""
+
+
+def _setup_digest(run_dir: Path, metrics: dict[str, Any]) -> str:
+    """Short hash of the method config and the run settings that change results (LoRA rank, lr, steps, ...).
+
+    Seeds of one experiment share it; two learning rates of the same method do not, so they are never averaged.
+    """
+    try:
+        identity = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("identity", {})
+        run = {k: v for k, v in (identity.get("run") or {}).items() if k not in _NOT_SETUP}
+    except (yaml.YAMLError, AttributeError) as err:
+        # without the run settings the seeds of this run cannot be matched to their experiment: treat as corrupt
+        raise ValueError(f"config.yaml is unreadable ({type(err).__name__})") from None
+    setup = {"run": run, "method_config": metrics.get("method_config") or {}}
+    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _validate(metrics: Any) -> dict[str, Any]:
+    """Raise ValueError/KeyError/TypeError when metrics.json cannot be aggregated (the caller warns and skips)."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics.json holds a {type(metrics).__name__}, not an object")
+    missing = [k for k in REQUIRED_KEYS if k not in metrics]
+    if missing:
+        raise KeyError(f"metrics.json lacks {', '.join(missing)}")
+    tasks = metrics["tasks"]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise TypeError("'tasks' must be a non-empty list of task names")
+    R = np.array([[np.nan if v is None else v for v in row] for row in metrics["R"]], dtype=float)
+    if R.shape != (len(tasks) + 1, len(tasks)):
+        raise ValueError(f"R has shape {R.shape}, expected {(len(tasks) + 1, len(tasks))} for {len(tasks)} tasks")
+    metrics["R"] = R
+    params = metrics.get("params") or []
+    if not isinstance(params, list) or not all(isinstance(p, dict) for p in params):
+        raise TypeError("'params' must be a list of objects")
+    for key in ("versions", "method_config"):
+        if metrics.get(key) is not None and not isinstance(metrics[key], dict):
+            raise TypeError(f"'{key}' must be an object")
     return metrics
+
+
+def _load(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(metrics, None) for a finished, readable run; (None, reason) otherwise."""
+    if not (run_dir / DONE).is_file():
+        return None, f"skipping unfinished run ({_progress_note(run_dir)}no DONE): {run_dir}"
+    try:
+        metrics = _validate(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")))
+        metrics["setup"] = _setup_digest(run_dir, metrics)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = err.args[0] if isinstance(err, KeyError) and err.args else err
+        return None, f"skipping corrupt run folder {run_dir}: {type(err).__name__}: {reason}"
+    metrics["run_dir"] = str(run_dir)
+    return metrics, None
+
+
+def load_run(run_dir: Path) -> dict[str, Any] | None:
+    """metrics.json of a finished run (``R`` as an array, plus ``run_dir`` and ``setup``), or None with a warning."""
+    metrics, problem = _load(Path(run_dir))
+    if problem:
+        warnings.warn(problem, SkippedRunWarning, stacklevel=2)
+    return metrics
+
+
+def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Every finished run under ``paths``; unfinished/corrupt folders and duplicate seeds are warned about and left out.
+
+    A duplicate seed (the same experiment copied twice) would count twice and shrink the std, so only the first
+    folder (by path) is kept.
+    """
+    runs, seen = [], {}
+    for run_dir in find_run_dirs(paths):
+        metrics, problem = _load(run_dir)
+        if problem:
+            warnings.warn(problem, SkippedRunWarning, stacklevel=2)
+            continue
+        key = (*group_key(metrics), metrics["seed"])
+        if key in seen:
+            warnings.warn(f"skipping duplicate of seed {metrics['seed']} already in {seen[key]}: {run_dir}",
+                          SkippedRunWarning, stacklevel=2)
+            continue
+        seen[key] = run_dir
+        runs.append(metrics)
+    return runs
+
+
+def group_key(run: dict[str, Any]) -> tuple:
+    """The values of :data:`GROUP_KEYS` for one loaded run (seeds of one experiment share it)."""
+    values = {"n_tasks": len(run["tasks"]), "data_manifest_digest": run.get("data_manifest_digest") or ""}
+    return tuple(values[k] if k in values else run.get(k) for k in GROUP_KEYS)
+
+
+def check_conventions(bwt_conventions: list[str] | None) -> list[str]:
+    """The extra BWT conventions asked for (``trace`` is always there), split on commas; unknown names are an error."""
+    names = [n.strip() for c in (bwt_conventions or []) for n in c.split(",") if n.strip()]
+    for name in names:
+        if name not in cl_metrics.BWT_CONVENTIONS:
+            from clbench.config import ConfigError
+
+            raise ConfigError(f"unknown BWT convention '{name}' (known: {', '.join(cl_metrics.BWT_CONVENTIONS)})")
+    return [n for n in dict.fromkeys(names) if n != "trace"]
 
 
 def _row(run: dict[str, Any], conventions: list[str]) -> dict[str, Any]:
     R = run["R"]
     params = run.get("params") or [{}]
-    row = {
-        "method": run["method"], "benchmark": run["benchmark"], "order": run["order"], "model": run["model"],
-        "n_tasks": len(run["tasks"]), "data_manifest_digest": run.get("data_manifest_digest", ""),
+    row = dict(zip(GROUP_KEYS, group_key(run), strict=True))
+    row.update({
         "seed": run["seed"], "OP": run.get("OP"), "BWT": run.get("BWT"), "FWT": run.get("FWT"),
         "added_params": params[-1].get("added"), "trainable_params": params[-1].get("trainable"),
         "train_step_time_s": run.get("train_step_time_s"), "train_tokens_per_s": run.get("train_tokens_per_s"),
         "inference_ms_per_example": run.get("inference_ms_per_example"), "peak_memory_mb": run.get("peak_memory_mb"),
+        "train_wall_time_s": run.get("train_wall_time_s"), "wall_time_s": run.get("wall_time_s"),
         "task_aware": bool(run.get("task_aware")), "joint_training": bool(run.get("joint_training")),
-        "clbench_version": run.get("versions", {}).get("clbench"), "git_commit": run.get("git_commit"),
-        "command": run.get("command"),
-    }
+        "clbench_version": (run.get("versions") or {}).get("clbench"), "git_commit": run.get("git_commit"),
+        "command": run.get("command"), "run_dir": run["run_dir"],
+    })
     for name in conventions:
-        if name not in cl_metrics.BWT_CONVENTIONS:
-            from clbench.config import ConfigError
-
-            raise ConfigError(f"unknown BWT convention '{name}' (known: {', '.join(cl_metrics.BWT_CONVENTIONS)})")
         row[f"BWT[{name}]"] = cl_metrics.BWT_CONVENTIONS[name](R)
     return row
 
 
-def build_leaderboard(paths: list[str | Path], bwt_conventions: list[str] | None = None) -> pd.DataFrame:
-    """One row per group with ``<metric>_mean``, ``<metric>_std``, ``n_seeds`` and provenance columns."""
-    conventions = [c for c in (bwt_conventions or []) if c != "trace"]
-    runs = [r for r in map(load_run, find_run_dirs(paths)) if r is not None]
-    if not runs:
-        return pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds"])
-    frame = pd.DataFrame([_row(r, conventions) for r in runs])
+def _distinct(values: pd.Series, sep: str = " | ") -> str:
+    """Distinct non-empty values in first-seen order (seeds normally share version and commit; if not, show all)."""
+    return sep.join(dict.fromkeys(str(v) for v in values if v is not None and not pd.isna(v)))
+
+
+def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str] | None = None) -> pd.DataFrame:
+    """The leaderboard of already loaded runs (see :func:`build_leaderboard` for the columns)."""
+    conventions = check_conventions(bwt_conventions)
     metrics = ["OP", "BWT", "FWT", *[f"BWT[{c}]" for c in conventions]]
-    costs = ["added_params", "trainable_params", "train_step_time_s", "train_tokens_per_s",
-             "inference_ms_per_example", "peak_memory_mb"]
+    if not runs:
+        return pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", *[f"{m}_{s}" for m in metrics
+                                                                          for s in ("mean", "std")]])
+    frame = pd.DataFrame([_row(r, conventions) for r in runs])
     out = []
-    for key, group in frame.groupby(GROUP_KEYS, dropna=False, sort=True):
+    for key, group in frame.groupby(GROUP_KEYS, dropna=False, sort=False):
         row = dict(zip(GROUP_KEYS, key, strict=True))
         row["n_seeds"] = len(group)
-        row["seeds"] = " ".join(str(s) for s in sorted(group["seed"]))
+        row["seeds"] = " ".join(str(s) for s in sorted(group["seed"], key=str))
         for m in metrics:
             values = pd.to_numeric(group[m], errors="coerce")
-            row[f"{m}_mean"] = values.mean()
-            row[f"{m}_std"] = values.std(ddof=0) if len(values) > 1 else 0.0
-        for c in costs:
+            # skipna=False: a seed with an undefined metric makes the mean undefined instead of silently using
+            # fewer seeds than n_seeds says
+            row[f"{m}_mean"] = values.mean(skipna=False)
+            row[f"{m}_std"] = values.std(ddof=1, skipna=False) if len(values) > 1 else np.nan
+        for c in COST_COLUMNS:
             row[c] = pd.to_numeric(group[c], errors="coerce").mean()
+        row["wall_time_s"] = pd.to_numeric(group["wall_time_s"], errors="coerce").sum(min_count=1)
         for flag in ("task_aware", "joint_training"):
             row[flag] = bool(group[flag].any())
-        for prov in ("clbench_version", "git_commit", "command"):
-            row[prov] = group[prov].iloc[0]
+        for prov in ("clbench_version", "git_commit"):
+            row[prov] = _distinct(group[prov])
+        row["command"] = _distinct(group["command"])  # one per seed (they differ in --seed/--out)
+        row["run_dirs"] = " ".join(sorted(group["run_dir"]))
         out.append(row)
     table = pd.DataFrame(out)
-    # order sensitivity: spread of OP across task orders of the same method/benchmark/model/data
-    spread_keys = ["method", "benchmark", "model", "n_tasks", "data_manifest_digest"]
-    table["OP_order_spread"] = table.groupby(spread_keys, dropna=False)["OP_mean"].transform(
-        lambda s: s.max() - s.min() if len(s) > 1 else np.nan)
-    return table.sort_values(["benchmark", "model", "order", "OP_mean"], ascending=[True, True, True, False])
+    # order sensitivity: max − min of mean OP across the task orders that ran for the same experiment (NaN when only
+    # one order ran: no spread can be claimed from one order)
+    table["OP_order_spread"] = table.groupby(ORDER_SPREAD_KEYS, dropna=False)["OP_mean"].transform(
+        lambda s: s.max() - s.min() if s.notna().sum() > 1 else np.nan)
+    table["_order"] = pd.to_numeric(table["order"], errors="coerce")
+    table = table.sort_values(["benchmark", "model", "n_tasks", "_order", "OP_mean"],
+                              ascending=[True, True, True, True, False], na_position="last", kind="stable")
+    return table.drop(columns="_order").reset_index(drop=True)
 
 
-def print_leaderboard(table: pd.DataFrame) -> None:
-    """A rich table of the leaderboard (OP/BWT/FWT as mean ± std)."""
+def build_leaderboard(paths: list[str | Path], bwt_conventions: list[str] | None = None) -> pd.DataFrame:
+    """One row per experiment under ``paths``, seeds aggregated.
+
+    Columns: the :data:`GROUP_KEYS`, ``n_seeds``, ``seeds``, ``<metric>_mean`` / ``<metric>_std`` for OP, BWT, FWT
+    and ``BWT[<convention>]`` for each extra convention asked for (std NaN with one seed), ``OP_order_spread``, the
+    cost means (:data:`COST_COLUMNS`; ``added_params`` is after the last task), ``wall_time_s`` (sum over seeds),
+    ``task_aware``, ``joint_training``, ``clbench_version``, ``git_commit``, ``command`` and ``run_dirs``.
+    """
+    conventions = check_conventions(bwt_conventions)  # fail on a typo before reading any folder
+    return leaderboard_from_runs(load_runs(paths), conventions)
+
+
+def fmt_mean_std(mean: Any, std: Any, scale: float = 1.0, digits: int = 3) -> str:
+    """``mean ± std`` (just ``mean`` when std is undefined, e.g. one seed; ``n/a`` when the mean is undefined)."""
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}f}"
+    return text if std is None or pd.isna(std) else f"{text} ± {std * scale:.{digits}f}"
+
+
+def flags_text(row: Any) -> str:
+    """'task-aware' / 'joint' markers of a leaderboard row (they are references, not comparable CL methods)."""
+    return " ".join(f for f, on in (("task-aware", row.get("task_aware")), ("joint", row.get("joint_training")))
+                    if on)
+
+
+def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
+    """Rich tables of the leaderboard, one per benchmark × model × task count × data (rows in one table compare).
+
+    OP/BWT/FWT (and extra BWT conventions) as mean ± std, order spread, costs and flags; version, commit and command
+    are in the CSV (too wide for a terminal).
+    """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    view = Table(title="clbench leaderboard")
-    for col in ("method", "benchmark", "order", "model", "seeds", "OP", "BWT", "FWT", "added params",
-                "step s", "infer ms/ex", "flags"):
-        view.add_column(col)
-    for _, r in table.iterrows():
-        flags = " ".join(f for f, on in (("task-aware", r.get("task_aware")), ("joint", r.get("joint_training"))) if on)
+    console = console or Console()
+    if table.empty:
+        console.print("no finished runs")
+        return
+    conventions = [c[: -len("_mean")] for c in table.columns if c.startswith("BWT[") and c.endswith("_mean")]
+    # the setup hash only matters when one method ran with several settings; otherwise it is noise
+    multi_setup = table.groupby(["method", "benchmark", "model", "n_tasks"])["setup"].transform("nunique") > 1
 
-        def pm(m: str, row: Any = r) -> str:
-            mean = row.get(f"{m}_mean")
-            return "n/a" if mean is None or pd.isna(mean) else f"{mean:.3f} ± {row.get(f'{m}_std', 0):.3f}"
+    def num(value: Any, spec: str) -> str:
+        return "" if value is None or pd.isna(value) else format(value, spec)
 
-        view.add_row(str(r["method"]), str(r["benchmark"]), str(r["order"]), str(r["model"]), str(r["n_seeds"]),
-                     pm("OP"), pm("BWT"), pm("FWT"), f"{r['added_params']:,.0f}" if pd.notna(r["added_params"]) else "",
-                     f"{r['train_step_time_s']:.2f}" if pd.notna(r["train_step_time_s"]) else "",
-                     f"{r['inference_ms_per_example']:.0f}" if pd.notna(r["inference_ms_per_example"]) else "", flags)
-    Console().print(view)
+    section_keys = ["benchmark", "model", "n_tasks", "data_manifest_digest"]
+    for key, group in table.groupby(section_keys, dropna=False, sort=False):
+        bench, model, n_tasks, digest = key
+        versions = " ".join(sorted({f"clbench {v}" for v in group["clbench_version"] if v} |
+                                   {f"commit {c}" for c in group["git_commit"] if c}))
+        view = Table(title=escape(f"{bench} · model {model} · {n_tasks} tasks · data {digest or '?'} "
+                           "(mean ± std over seeds)"), caption=escape(versions) or None)
+        # "BWT[max-drop]" would read as rich markup and vanish: label it "BWT (max-drop)"
+        labels = [f"BWT ({c[4:-1]})" for c in conventions]
+        for col in ("method", "order", "seeds", "OP", "BWT", "FWT", *labels, "OP order spread",
+                    "added params", "step s", "infer ms/ex", "peak MB", "flags"):
+            view.add_column(escape(col), no_wrap=col in ("OP", "BWT", "FWT"))
+        for i, r in group.iterrows():
+            method = f"{r['method']} @{r['setup']}" if bool(multi_setup.loc[i]) else str(r["method"])
+            view.add_row(
+                escape(method), escape(str(r["order"])), str(r["n_seeds"]),
+                *(fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in ("OP", "BWT", "FWT", *conventions)),
+                num(r.get("OP_order_spread"), ".3f"), num(r.get("added_params"), ",.0f"),
+                num(r.get("train_step_time_s"), ".2f"), num(r.get("inference_ms_per_example"), ".0f"),
+                num(r.get("peak_memory_mb"), ",.0f"), flags_text(r))
+        console.print(view)
+
+
+@contextmanager
+def one_line_warnings(echo: Any = None) -> Iterator[None]:
+    """Show every :class:`SkippedRunWarning` raised inside as one ``warning: ...`` line (stderr by default).
+
+    Python's default warning display adds a file:line prefix and a source line, which buries the folder name.
+    Other warnings pass through unchanged.
+    """
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedRunWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, SkippedRunWarning):
+            echo(f"warning: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)

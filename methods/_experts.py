@@ -4,7 +4,7 @@ linear, a pluggable router, and injection into target linears.
 Why not peft: peft cannot register a new tuner type from outside (its ``PeftType`` enum is closed), and these methods
 need per-example expert selection inside the layer. A wrapper module around ``nn.Linear`` is the simple route.
 
-    y = W0 x + s Σ_{e ∈ S(x)} g_e(x) B_e A_e x,      s = alpha / r,  A_e ∈ R^{r×d_in},  B_e ∈ R^{d_out×r} (B_e = 0 at init)
+    y = W0 x + s Σ_{e ∈ S(x)} g_e(x) B_e A_e x,   s = alpha / r,  A_e ∈ R^{r×d_in},  B_e ∈ R^{d_out×r}, B_e = 0 at init
 
 The router returns, per example, the selected expert indices S (k of them) and token weights g over those k, so only
 the selected experts are computed (k·r·(d_in + d_out) multiply-adds per token, whatever the pool size).
