@@ -204,6 +204,43 @@ def score(
         typer.echo(f"{benchmark} {task} {metric}: {value:.4f} (n={len(records)})")
 
 
+@app.command()
+def bench(
+    methods: Annotated[str, typer.Option(help="comma-separated method names; the base model is always measured")]
+    = "lora,moses",
+    model: Annotated[str, typer.Option(help="'bundled', 'tiny', a local folder or a hub id")] = "bundled",
+    steps: Annotated[int, typer.Option(help="measured train steps / generations per method (median)")] = 10,
+    warmup: Annotated[int, typer.Option(help="unmeasured steps / generations first")] = 2,
+    batch_size: Annotated[int, typer.Option(help="examples per train step and per generation")] = 8,
+    seq_len: Annotated[int, typer.Option(help="prompt tokens at most (random data: about this many tokens)")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated per example (exactly; EOS suppressed)")] = 16,
+    precision: Annotated[str, typer.Option(help="bf16-mixed (as runs), 16-mixed or 32-true")] = "bf16-mixed",
+    data: Annotated[str, typer.Option(help="trace-mini (its first task) or random")] = "trace-mini",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    num_tasks: Annotated[int, typer.Option(help="tasks the methods pre-allocate for (TRACE has 8)")] = 8,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    out: Annotated[str, typer.Option(help="folder for <name>.csv and <name>.json")] = "results/bench",
+    name: Annotated[str | None, typer.Option(help="file name stem (default: a timestamp)")] = None,
+) -> None:
+    """Speed and memory of methods vs lora and the base model, in one process on the same batches."""
+    from rich.console import Console
+
+    from clbench.bench import BenchConfig, print_results, run_bench, write_results
+
+    console = Console(stderr=True)
+    try:
+        cfg = BenchConfig(methods=[m.strip() for m in methods.split(",") if m.strip()], model=model, steps=steps,
+                          warmup=warmup, batch_size=batch_size, seq_len=seq_len, new_tokens=new_tokens,
+                          precision=precision, data=data, device=device, num_tasks=num_tasks, threads=threads,
+                          out=out, name=name)
+        results = run_bench(cfg, log=lambda line: console.print(f"[dim]{line}[/]"))
+    except _user_errors() as err:
+        fail(str(err))
+    print_results(results)
+    csv_path, json_path = write_results(results, out)
+    typer.echo(f"wrote {csv_path} and {json_path}", err=True)
+
+
 def main() -> None:
     """Entry point of the ``clbench`` script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

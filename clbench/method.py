@@ -116,6 +116,10 @@ class CLMethod(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        """Put every submodule in training mode (HF loads models in eval mode; predict leaves them there)."""
+        self.train()
+
     def on_train_start(self) -> None:
         """Remember which base weights were trained (they must go into the checkpoint)."""
         self._trained_names |= {n for n, p in self.named_parameters() if p.requires_grad and id(p) in self._base_ids}

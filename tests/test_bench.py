@@ -1,0 +1,50 @@
+"""`clbench bench` on the tiny model: one process, two methods and the base model, CSV/JSON written (no timings
+asserted: they depend on the machine)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from clbench.bench import COLUMNS
+
+
+def test_bench_writes_rows_for_base_and_each_method_with_lora_as_unit(tmp_path):
+    """If this fails, `clbench bench` crashes, leaves out a contender or a column, or its ratios are not relative to
+    lora / the base model, so the speed claims in the docs cannot be reproduced."""
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--methods", "lora,moses", "--model", "tiny", "--steps", "2",
+                                      "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--new-tokens", "3",
+                                      "--data", "random", "--precision", "32-true", "--threads", "1",
+                                      "--out", str(tmp_path), "--name", "tiny"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "tiny.csv")
+    assert list(table.columns) == COLUMNS
+    assert list(table["method"]) == ["base", "lora", "moses"]
+    rows = table.set_index("method")
+    assert rows.loc["lora", "train_vs_lora"] == 1.0 and rows.loc["lora", "infer_vs_lora"] == 1.0
+    assert rows.loc["base", "infer_vs_base"] == 1.0 and pd.isna(rows.loc["base", "train_step_ms"])
+    assert rows.loc["base", "trainable_params"] == 0 and (rows.loc[["lora", "moses"], "trainable_params"] > 0).all()
+    assert (rows.loc[["lora", "moses"], "train_step_ms"] > 0).all() and (rows["infer_ms_per_example"] > 0).all()
+    assert rows.loc["moses", "train_vs_lora"] == pytest.approx(
+        rows.loc["moses", "train_step_ms"] / rows.loc["lora", "train_step_ms"], rel=1e-3)
+    meta = json.loads((tmp_path / "tiny.json").read_text())
+    for key in ("device", "versions", "command", "memory_kind", "settings", "rows", "data"):
+        assert key in meta, key
+    assert meta["settings"]["methods"] == ["lora", "moses"] and meta["infer_batch_shape"][0] == 2
+
+
+def test_bench_names_an_unknown_method_in_one_line(tmp_path):
+    """If this fails, a typo in --methods loads models for minutes before failing, or fails with a traceback."""
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--methods", "lora,mosse", "--model", "tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown method 'mosse'" in result.output and "moses" in result.output

@@ -1,0 +1,377 @@
+"""MoSEs on the tiny random model: zero forgetting under the oracle id, frozen earlier experts, expert reuse with
+sublinear growth, sparse per-example inference, key matching, and full harness runs with resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_run
+from torch.utils.data import DataLoader
+
+from clbench.benchmark import Collator, Task, TaskSpec
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads; on a shared, busy CPU OpenMP's barriers make each op ~30× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _task(name: str, make_prompt, n: int = 16, seed: int = 0) -> Task:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        prompt, answer = make_prompt(rng)
+        records.append({"prompt": prompt, "answer": answer})
+    return Task(TaskSpec(name, "accuracy", max_new_tokens=4), train=records, eval=records[:4], test=records[:8])
+
+
+def _letters(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choice("abcdefghij") for _ in range(8))
+    return f"spell the word {word} please", word[0]
+
+
+def _digits(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"{a} + {b} = {a} + {b} = {a}+{b}", str(a + b)
+
+
+def _shout(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choice("KLMNOPQRST") for _ in range(6))
+    return f"!!! {word} !!! {word} !!!", word.lower()[:2]
+
+
+TASKS = [_task("letters", _letters), _task("digits", _digits, seed=1), _task("shout", _shout, seed=2)]
+
+
+def _moses(num_tasks: int = 3, **knobs):
+    from clbench.configs_dir import method_defaults
+    from clbench.models import tiny_model
+    from clbench.registry import get_method
+
+    cls = get_method("moses")
+    loaded = tiny_model()
+    torch.manual_seed(0)
+    cfg = cls.config_class(**{**method_defaults("moses"), **knobs})
+    return cls(loaded.model, loaded.tokenizer, cfg, num_tasks=num_tasks)
+
+
+def _train_batches(method, task: Task, batch_size: int = 4) -> DataLoader:
+    return DataLoader(task.train, batch_size=batch_size, collate_fn=Collator(method.tokenizer, 64, 16, train=True))
+
+
+def _eval_batch(method, task: Task, with_id: int | None = None) -> dict[str, torch.Tensor]:
+    records = [{"prompt": r["prompt"], "index": i, **({"task_id": with_id} if with_id is not None else {})}
+               for i, r in enumerate(task.test)]
+    return Collator(method.tokenizer, 64, train=False)(records)
+
+
+def _fit(method, t: int, task: Task, steps: int = STEPS, begin: bool = True) -> None:
+    """begin_task / Lightning fit / end_task, as the harness does."""
+    if begin:
+        method.begin_task(t, task)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, precision="32-true")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(method, _train_batches(method, task))
+    method.end_task(t, task)
+
+
+@torch.no_grad()
+def _logits(method, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    method.eval()
+    return method(batch).logits
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Three tasks trained in sequence; the oracle-id logits of each task right after it was learned."""
+    L.seed_everything(0, verbose=False)
+    method = _moses()
+    right_after, pools, reports = {}, [], []
+    base = _logits(method, _eval_batch(method, TASKS[0], with_id=0))  # nothing trained: the base model
+    for t, task in enumerate(TASKS):
+        _fit(method, t, task)
+        right_after[t] = _logits(method, _eval_batch(method, task, with_id=t))
+        pools.append({n: layer.A.clone() for n, layer in method._mose_layers.items()})
+        reports.append(method.param_report())
+    return {"method": method, "right_after": right_after, "base": base, "reports": reports}
+
+
+def test_old_task_outputs_never_change_under_oracle_task_id(trained):
+    """If this fails, training a later task changes what the model answers on an earlier task even when it is told
+    which task it is: MoSEs' core promise (zero forgetting of finished tasks) is broken."""
+    method = trained["method"]
+    for t, task in enumerate(TASKS):
+        assert torch.equal(_logits(method, _eval_batch(method, task, with_id=t)), trained["right_after"][t]), task.name
+    # not vacuous: training moved the task's outputs away from the base model's
+    assert not torch.allclose(trained["right_after"][0], trained["base"])
+
+
+def test_earlier_experts_get_no_gradient_and_stay_fixed():
+    """If this fails, a later task can overwrite experts, routers or keys of finished tasks (forgetting through
+    shared sub-experts), or the current task's own parts do not learn."""
+    L.seed_everything(0, verbose=False)
+    method = _moses(num_tasks=2)
+    _fit(method, 0, TASKS[0])
+    layers = list(method._mose_layers.values())
+    owned = [layer.router.masks[0].clone() for layer in layers]
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    method.begin_task(1, TASKS[1])
+    method.train()
+    batch = next(iter(_train_batches(method, TASKS[1])))
+    out = method(batch)
+    (out.loss + sum(method.regularizer(batch, out).values())).backward()
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    expected = {n for n in before if n.endswith(("A_new", "B_new", "router.weight.1", "router.scores.1"))} | {"keys.1"}
+    assert trainable == expected
+    for name, p in method.named_parameters():
+        if name in expected:  # (A_new's gradient is 0 at the first step only because B_new starts at 0, as in LoRA)
+            assert p.grad is not None and (p.grad.abs().sum() > 0 or name.endswith("A_new")), name
+        else:  # pool experts, task 0's router / scores / key, the base model: not even a zero gradient
+            assert p.grad is None, name
+    for layer in layers:  # task 0's experts are candidates of task 1 (in the forward graph), yet got no gradient
+        assert bool(torch.isin(layer.router.masks[0], layer.candidates()[0]).all())
+    method.zero_grad()
+    _fit(method, 1, TASKS[1])
+    params = dict(method.named_parameters())
+    for (name, layer), rows in zip(method._mose_layers.items(), owned, strict=True):
+        assert torch.equal(layer.A[rows], before[f"model.{name}.A"][rows])
+        assert torch.equal(layer.B[rows], before[f"model.{name}.B"][rows])
+        assert torch.equal(params[f"model.{name}.router.weight.0"], before[f"model.{name}.router.weight.0"])
+    assert torch.equal(method.keys[0], before["keys.0"])
+
+
+def test_later_tasks_reuse_experts_and_parameters_grow_sublinearly(trained):
+    """If this fails, the budget b < k is not enforced (each task takes k new experts, linear growth like one LoRA per
+    task) or param_report counts the unused pre-allocated pool."""
+    method = trained["method"]
+    cfg = method.cfg
+    for layer in method._mose_layers.values():
+        assert (layer.owner[layer.router.masks[0]] == 0).all()  # task 0 owns all of its k experts
+        for t in (1, 2):
+            mask = layer.router.masks[t]
+            new = int((layer.owner[mask] == t).sum())
+            assert new <= cfg.budget < cfg.top_k and (layer.owner[mask] < t).sum() >= cfg.top_k - cfg.budget
+        assert int((layer.owner >= 0).sum()) <= cfg.top_k + 2 * cfg.budget < layer.num_experts
+    added = [r["added"] for r in trained["reports"]]
+    assert added[0] > 0 and added[0] < added[1] < added[2] < 3 * added[0]
+    assert trained["reports"][-1]["frozen"] == added[-1]
+    # task 0 selects all its candidates, so what it trained is exactly what it added (k scores <-> k mask indices);
+    # the pre-allocated router rows outside the candidates never count
+    assert trained["reports"][0]["trainable"] == added[0]
+    assert trained["reports"][0]["trainable"] < sum(p.numel() for p in method.parameters() if p.requires_grad)
+    expert = next(iter(method._mose_layers.values())).expert_params(0)
+    pool = sum(layer.num_experts * layer.expert_params(0) for layer in method._mose_layers.values())
+    assert added[0] < pool and added[0] >= 4 * expert
+
+
+def test_inference_touches_only_the_selected_experts(trained):
+    """If this fails, inference computes (or depends on) sub-experts outside the example's mask: the cost would grow
+    with the pool size N instead of staying at k experts, and unselected experts could leak into the output."""
+    method = trained["method"]
+    batch = _eval_batch(method, TASKS[1], with_id=1)
+    reference = _logits(method, batch)
+    layer = next(iter(method._mose_layers.values()))
+    # the fused table of one example holds k·r_s down-projection rows and k router rows, whatever N is
+    down = layer._table[1]
+    assert down.shape[-1] == method.cfg.top_k * method.cfg.rank + method.cfg.top_k
+    # and it agrees with the generic ExpertLinear.delta over the Router contract's k indices
+    x = torch.randn(batch["input_ids"].shape[0], 5, layer.in_features)
+    method.ctx.task_ids, method.ctx.active = torch.full((x.shape[0],), 1), True
+    method.ctx.version += 1
+    try:
+        indices, weights = layer.router(x)
+        assert indices.shape == (x.shape[0], method.cfg.top_k)
+        torch.testing.assert_close(layer._infer_delta(x), layer.delta(x, indices, weights))
+    finally:
+        method.ctx.reset()
+    saved = {n: (lay.A.clone(), lay.B.clone(), lay.router.weight[1].detach().clone())
+             for n, lay in method._mose_layers.items()}
+    try:
+        with torch.no_grad():  # poison everything task 1 does not select
+            for lay in method._mose_layers.values():
+                unused = torch.ones(lay.num_experts, dtype=torch.bool)
+                unused[lay.router.masks[1]] = False
+                lay.A[unused] = float("nan")
+                lay.B[unused] = float("nan")
+                lay.router.weight[1][unused] = float("nan")
+        assert torch.equal(_logits(method, batch), reference)
+    finally:
+        with torch.no_grad():
+            for n, lay in method._mose_layers.items():
+                lay.A.copy_(saved[n][0])
+                lay.B.copy_(saved[n][1])
+                lay.router.weight[1].copy_(saved[n][2])
+
+
+def test_bf16_autocast_inference_matches_fp32(trained):
+    """If this fails, runs under the default precision (bf16-mixed) route or compute the experts differently from
+    fp32, e.g. the per-example tables are not cast once per generate call and mix dtypes."""
+    method = trained["method"]
+    batch = _eval_batch(method, TASKS[2], with_id=2)
+    reference = _logits(method, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _logits(method, batch)
+        assert next(iter(method._mose_layers.values()))._table[1].dtype == torch.bfloat16
+    assert torch.isfinite(low).all()
+    assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_mixed_batch_routes_each_example_like_one_by_one(trained):
+    """If this fails, examples of different tasks in one batch contaminate each other's routing (the batch's first
+    example decides for all, or the generation cache loses the per-example decision)."""
+    method = trained["method"]
+    collate = Collator(method.tokenizer, 64, train=False)
+    prompts = [p.ljust(30) for p in ("spell the word abcdefgh please", "55 + 21 = 55 + 21 = 55+21", "!!! KLMN !!!")]
+    assert len({len(p) for p in prompts}) == 1  # same length: no padding, so batching alone changes nothing
+    ids = [0, 1, 2]
+    records = [{"prompt": p, "index": i, "task_id": t} for i, (p, t) in enumerate(zip(prompts, ids, strict=True))]
+    method.eval()
+    for oracle in (True, False):
+        recs = records if oracle else [{k: v for k, v in r.items() if k != "task_id"} for r in records]
+        batch = collate(recs)
+        together = method.generate(batch, 6)
+        chosen = method._last_choice.clone()
+        logits = _logits(method, batch)
+        for i, rec in enumerate(recs):
+            single = collate([rec])
+            assert torch.equal(method.generate(single, 6)[0], together[i])
+            assert int(method._last_choice[0]) == int(chosen[i])
+            torch.testing.assert_close(_logits(method, single)[0], logits[i], rtol=1e-5, atol=1e-5)
+    # under the oracle, the three rows really went through three different masks
+    rows = [method._mose_layers[next(iter(method._mose_layers))].router.masks[t] for t in ids]
+    assert len({tuple(r.tolist()) for r in rows}) == 3
+
+
+def test_pull_constraint_decreases_and_keys_pick_the_trained_task():
+    """If this fails, task identification without the oracle id is broken: keys do not move towards their task's
+    queries, or the nearest key does not pick the task an example came from."""
+    L.seed_everything(0, verbose=False)
+    method = _moses(num_tasks=2, key_init="random", key_lr=0.05)
+    tasks = [TASKS[0], TASKS[1]]
+
+    def mean_pull(t: int) -> float:
+        method.train()
+        pulls = []
+        with torch.no_grad():
+            for batch in _train_batches(method, tasks[t]):
+                out = method(batch)
+                pulls.append(float(method.regularizer(batch, out)["pull"]))
+        return float(np.mean(pulls))
+
+    for t, task in enumerate(tasks):
+        method.begin_task(t, task)
+        start = mean_pull(t)
+        _fit(method, t, task, steps=20, begin=False)
+        assert mean_pull(t) < 0.5 * start, task.name
+    method.eval()
+    for t, task in enumerate(tasks):  # the training prompts, as test-time (left-padded) batches
+        records = [{"prompt": r["prompt"], "index": i} for i, r in enumerate(task.train)]
+        with torch.no_grad():
+            method(Collator(method.tokenizer, 64, train=False)(records))
+        assert (method._last_choice == t).all(), task.name
+
+
+def test_default_key_init_identifies_tasks():
+    """If this fails, the default key set-up (first-batch init + pull) cannot tell two clearly different tasks
+    apart, so every task-agnostic MoSEs run routes examples to the wrong mask."""
+    L.seed_everything(0, verbose=False)
+    method = _moses(num_tasks=3)
+    for t, task in enumerate(TASKS):
+        _fit(method, t, task, steps=4)
+    method.eval()
+    for t, task in enumerate(TASKS):
+        method.generate(_eval_batch(method, task), 1)
+        assert (method._last_choice == t).all(), task.name
+        assert method.evaluation_report(t, task) == {}  # no predict epoch ran: nothing recorded
+
+
+def test_harness_runs_with_and_without_oracle_and_writes_artifacts(tmp_path, trace_dir):
+    """If this fails, `clbench run --method moses` (with or without --oracle-task-id) crashes or leaves out the
+    task-identification matrix, the expert-usage map or the growth table."""
+    from clbench.harness import Harness
+
+    for oracle in (False, True):
+        cfg = tiny_run(tmp_path, trace_dir, method="moses", oracle_task_id=oracle, out=str(tmp_path / f"o{oracle}"))
+        run_dir = Harness(cfg).run()
+        assert (run_dir / "DONE").is_file()
+        acc = pd.read_csv(run_dir / "task_id_accuracy.csv", index_col=0)
+        assert acc.loc["after-2:FOMC"].notna().all() and acc.loc["zero-shot"].isna().all()
+        assert np.isnan(acc.loc["after-1:C-STANCE", "FOMC"])  # not trained yet: no key can choose it
+        assert acc.loc["after-1:C-STANCE", "C-STANCE"] == 1.0  # a single trained task: every key choice is it
+        usage = pd.read_csv(run_dir / "expert_usage.csv")
+        assert {"task", "layer", "expert", "new_or_reused"} <= set(usage.columns)
+        assert set(usage["new_or_reused"]) == {"new", "reused"}
+        growth = pd.read_csv(run_dir / "param_growth.csv")
+        assert list(growth["task"]) == ["C-STANCE", "FOMC"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["task_aware"] is oracle
+        assert metrics["params"][-1]["added"] == growth["cumulative_added_params"].iloc[-1]
+
+
+def test_resume_after_crash_gives_the_same_R(tmp_path, trace_dir, monkeypatch):
+    """If this fails, a MoSEs run killed mid-way resumes with different masks, experts or keys than it had, so the
+    resumed R differs from an uninterrupted run's."""
+    from clbench.harness import Harness
+
+    full = Harness(tiny_run(tmp_path, trace_dir, method="moses", out=str(tmp_path / "full"))).run()
+    crashed = tiny_run(tmp_path, trace_dir, method="moses", out=str(tmp_path / "crash"))
+    original_fit = Harness._fit
+
+    def crash_on_second_task(self, method, t):
+        if t == 1:
+            raise KeyboardInterrupt
+        return original_fit(self, method, t)
+
+    monkeypatch.setattr(Harness, "_fit", crash_on_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        Harness(crashed).run()
+    monkeypatch.setattr(Harness, "_fit", original_fit)
+    resumed = Harness(crashed).run()
+    for name in ("R.csv", "task_id_accuracy.csv", "expert_usage.csv", "param_growth.csv"):
+        assert (full / name).read_text() == (resumed / name).read_text(), name
+    for task in ("C-STANCE", "FOMC"):
+        a = json.loads((full / "predictions" / "after-2" / f"{task}.json").read_text())
+        b = json.loads((resumed / "predictions" / "after-2" / f"{task}.json").read_text())
+        assert a == b
+
+
+def test_every_knob_is_settable_and_typos_are_named():
+    """If this fails, a `--set key=value` for a MoSEs knob is ignored or a typo passes silently."""
+    from clbench.config import ConfigError, build, parse_overrides
+    from clbench.configs_dir import method_defaults
+    from clbench.registry import get_method
+
+    cls = get_method("moses")
+    defaults = method_defaults("moses")
+    assert set(defaults) == {f for f in cls.config_class.__dataclass_fields__}
+    cfg = build(cls.config_class, {**defaults, **parse_overrides(["top_k=6", "budget=3", "layers=[1,2]",
+                                                                  "target_modules=[q_proj]", "pull_weight=0.1"])})
+    assert (cfg.top_k, cfg.budget, cfg.layers, cfg.target_modules, cfg.pull_weight) == (6, 3, [1, 2], ["q_proj"], 0.1)
+    with pytest.raises(ConfigError, match="top_k"):
+        build(cls.config_class, {"topk": 3})
+    with pytest.raises(ConfigError, match="budget"):
+        build(cls.config_class, {"budget": 5, "top_k": 4})
+    with pytest.raises(ConfigError, match="key_layer"):
+        _moses(layers=[2, 3], key_layer=2)
+    # MoSE layers from layer 0: the query comes from the token embeddings (key_layer -1)
+    method = _moses(layers=[0, 1])
+    assert method.key_layer == -1
+    method.begin_task(0, TASKS[0])
+    method.train()
+    batch = next(iter(_train_batches(method, TASKS[0])))
+    assert torch.isfinite(method(batch).loss) and method._last_query.shape == (4, 64)
