@@ -20,15 +20,6 @@ from clbench.benchmark import Collator, Task, TaskSpec
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads; on a shared, busy CPU OpenMP's barriers make each op ~30× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _task(name: str, make_prompt, n: int = 16, seed: int = 0) -> Task:
     rng = random.Random(seed)
     records = []
