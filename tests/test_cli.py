@@ -118,3 +118,35 @@ def test_run_then_leaderboard(tmp_path, trace_dir):
 
     table = pd.read_csv(out)
     assert len(table) == 1 and table.loc[0, "n_seeds"] == 2 and table.loc[0, "method"] == "lora"
+
+
+def test_score_a_predictions_file_as_json(tmp_path):
+    """`clbench score --json` prints one object with TRACE's metric for the task."""
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"prompt": "p", "answer": "A", "prediction": "A"},
+                                 {"prompt": "p", "answer": "B", "prediction": "B "}]))
+    result = invoke("score", "--benchmark", "trace", "--task", "FOMC", str(preds), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"benchmark": "trace", "task": "FOMC", "metric": "accuracy", "score": 0.5,
+                                         "n": 2}
+
+
+def test_score_unknown_task_and_bad_file(tmp_path):
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"prompt": "p", "answer": "A"}]))
+    assert "did you mean 'Py150'" in error_line(invoke("score", "--task", "Py15O", str(preds)))
+    assert "record 0" in error_line(invoke("score", "--task", "FOMC", str(preds)))
+
+
+def test_all_eight_trace_tasks_run_end_to_end_on_the_tiny_model(tmp_path, trace_dir):
+    """A TRACE-layout folder with the 8 real task names goes through the whole loop with every TRACE scorer."""
+    result = invoke("run", "--data-dir", str(trace_dir), "--model", "tiny", "--max-steps-per-task", "1",
+                    "--precision", "32-true", "--no-progress", "--max-new-tokens", "2", "--batch-size", "2",
+                    "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    R = pd.read_csv(tmp_path / "r" / "R.csv", index_col=0)
+    assert R.shape == (9, 8) and R.notna().all().all()
+    assert list(R.columns) == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds",
+                               "20Minuten"]
