@@ -19,7 +19,8 @@ From the second task on the loss adds two terms (each logged on its own)::
 After task t (``end_task``, which gets the task's training loader):
 
     Ω_t = (1/N_b) Σ_b (∂L_b/∂θ)²     squared gradients of the LM loss of each of N_b ≤ ``importance_max_batches``
-                                    training batches, for every shared weight θ (optionally normalised, see below)
+                                    training batches, for every shared weight θ, then divided by their mean over all
+                                    shared weights (``importance_norm: mean``; ``max`` or ``none`` on request)
     Ω  ← Ω + Ω_t,   θ* ← θ,   W_g^old ← W_g                                  (buffers: checkpointed, resume-safe)
 
 g_old is the gate snapshot W_g^old from the end of the previous task, over the experts routable then (R_{t−1}); g is
@@ -59,10 +60,10 @@ class SETAConfig(MethodConfig):
     num_shared: int = 2  # K, shared experts per target linear
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     layers: list[int] | None = None  # transformer layers with SETA layers; None = all
-    anchor_weight: float = 200.0  # λ_a of the elastic anchoring λ_a Σ Ω (θ − θ*)²
+    anchor_weight: float = 0.1  # λ_a of the elastic anchoring λ_a Σ Ω (θ − θ*)²
     routing_weight: float = 1.0  # λ_r of the routing-aware term λ_r KL(g_old ‖ g)
     importance_max_batches: int = 16  # training batches per task for Ω_t (0 = the whole loader)
-    importance_norm: str = "none"  # Ω_t as is ("none"), or divided by its mean / max over all shared weights
+    importance_norm: str = "mean"  # Ω_t / its mean ("mean") or max ("max") over all shared weights; "none": raw
     routing_kl_support: str = "old"  # g renormalised over the old routable experts ("old") or all routable ("all")
 
     def __post_init__(self) -> None:
