@@ -32,6 +32,7 @@ from torch import nn
 from clbench.benchmark import Task
 from clbench.registry import register_method
 
+from ._importance import mean_squared_gradients, training_device
 from .lora import LoRA, LoRAMethodConfig
 
 
@@ -99,11 +100,6 @@ class EWC(LoRA):
         return {"ewc": self.penalty()}
 
     # ---- Fisher -------------------------------------------------------------------------------------------------
-    def _fisher_device(self) -> torch.device:
-        # Lightning moves the module back to the CPU when fit ends; run the Fisher pass where training ran.
-        trainer = getattr(self, "_trainer", None)
-        return trainer.strategy.root_device if trainer is not None else self.device
-
     def estimate_fisher(self, loader: Any) -> dict[str, torch.Tensor]:
         """F_t = mean over examples of the squared per-example gradient of the LM loss, for each adapter parameter.
 
@@ -113,49 +109,15 @@ class EWC(LoRA):
         """
         params = dict(self.model.named_parameters())
         targets = [params[n] for n in self.ewc_names]
-        sums = [torch.zeros_like(p, dtype=torch.float32) for p in targets]
-        count = 0
-        cap = self.cfg.fisher_max_batches
-        device = next(iter(targets)).device
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.enable_grad():
-                for b, batch in enumerate(loader):
-                    if cap and b >= cap:
-                        break
-                    for k in range(batch["input_ids"].shape[0]):
-                        one = {key: batch[key][k : k + 1].to(device)
-                               for key in ("input_ids", "attention_mask", "labels")}
-                        if not (one["labels"] != -100).any():
-                            continue  # answer truncated away: no loss, no information
-                        loss = self.model(**one).loss
-                        grads = torch.autograd.grad(loss, targets, allow_unused=True)
-                        for acc, g in zip(sums, grads, strict=True):
-                            if g is not None:
-                                acc += g.detach().float().pow(2)
-                        count += 1
-        finally:
-            self.train(was_training)
-        total = torch.tensor(float(count), device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Under DDP every rank runs end_task on its own shard of the loader: pool the sums and counts so every
-            # rank stores the same Fisher (one all-reduce of one flat vector, the same call count on every rank).
-            flat = torch.cat([*(s.flatten() for s in sums), total.view(1)])
-            torch.distributed.all_reduce(flat)
-            sizes = [s.numel() for s in sums]
-            sums = [part.view_as(s) for part, s in zip(flat[:-1].split(sizes), sums, strict=True)]
-            total = flat[-1]
-        if total.item() == 0:
-            raise RuntimeError("EWC: no training example with answer tokens to estimate the Fisher from")
-        return {n: s / total for n, s in zip(self.ewc_names, sums, strict=True)}
+        means = mean_squared_gradients(self, self.model, targets, loader, self.cfg.fisher_max_batches, per_example=True)
+        return dict(zip(self.ewc_names, means, strict=True))
 
     def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
         """F ← γ F + F_t and θ* ← θ, written into the buffers (so they are checkpointed)."""
         if train_loader is None:
             raise RuntimeError("EWC needs the task's training loader in end_task to estimate the Fisher")
         home = self.device
-        self.to(self._fisher_device())
+        self.to(training_device(self))
         params = dict(self.model.named_parameters())
         for name in self.ewc_names:  # the adapter trains in every task, but set it explicitly: autograd.grad needs it
             params[name].requires_grad_(True)

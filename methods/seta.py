@@ -46,6 +46,7 @@ from clbench.method import CLMethod, MethodConfig
 from clbench.registry import register_method
 
 from ._experts import ExpertLinear, Router, inject, num_layers
+from ._importance import mean_squared_gradients, training_device
 
 _NORMS = ("none", "mean", "max")
 _SUPPORTS = ("old", "all")
@@ -229,7 +230,7 @@ class SETA(CLMethod):
             if train_loader is None:
                 raise RuntimeError("seta needs the task's training loader in end_task to estimate the importance Ω")
             home = self.device
-            self.to(self._importance_device())
+            self.to(training_device(self))
             try:
                 new = self.estimate_importance(train_loader)
             finally:
@@ -247,52 +248,13 @@ class SETA(CLMethod):
         self.zero_grad(set_to_none=True)  # Lightning leaves the last step's gradients on the now-frozen expert
 
     # ---- importance ---------------------------------------------------------------------------------------------
-    def _importance_device(self) -> torch.device:
-        # Lightning moves the module back to the CPU when fit ends; run the importance pass where training ran.
-        trainer = getattr(self, "_trainer", None)
-        return trainer.strategy.root_device if trainer is not None else self.device
-
     def estimate_importance(self, loader: Any) -> list[list[torch.Tensor]]:
         """Ω_t per layer, [Ω_A, Ω_B]: mean over batches of the squared batch gradient of the LM loss w.r.t. the
         shared experts, over at most ``importance_max_batches`` batches (under DDP each rank reads its own shard and
         the sums are pooled), in eval mode (deterministic), then normalised as ``importance_norm`` says."""
         targets = [p for layer in self.seta_layers() for p, _, _ in layer.shared_params()]
-        needed = [p.requires_grad for p in targets]
-        for p in targets:  # autograd.grad needs them even if a caller froze them
-            p.requires_grad_(True)
-        sums = [torch.zeros_like(p, dtype=torch.float32) for p in targets]
-        count = 0
-        cap = self.cfg.importance_max_batches
-        device = targets[0].device
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.enable_grad():
-                for b, batch in enumerate(loader):
-                    if cap and b >= cap:
-                        break
-                    batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
-                    if not (batch["labels"] != -100).any():
-                        continue  # every answer truncated away: no loss, no information
-                    loss = self.model(**batch).loss
-                    grads = torch.autograd.grad(loss, targets, allow_unused=True)
-                    for acc, g in zip(sums, grads, strict=True):
-                        if g is not None:
-                            acc += g.detach().float().pow(2)
-                    count += 1
-        finally:
-            self.train(was_training)
-            for p, flag in zip(targets, needed, strict=True):
-                p.requires_grad_(flag)
-        total = torch.tensor(float(count), device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flat = torch.cat([*(s.flatten() for s in sums), total.view(1)])
-            torch.distributed.all_reduce(flat)
-            sums = [part.view_as(s) for part, s in zip(flat[:-1].split([s.numel() for s in sums]), sums, strict=True)]
-            total = flat[-1]
-        if total.item() == 0:
-            raise RuntimeError("seta: no training batch with answer tokens to estimate the importance from")
-        omegas = [s / total for s in sums]
+        omegas = mean_squared_gradients(self, self.model, targets, loader, self.cfg.importance_max_batches,
+                                        per_example=False)
         if self.cfg.importance_norm != "none":
             flat = torch.cat([o.flatten() for o in omegas])
             scale = flat.mean() if self.cfg.importance_norm == "mean" else flat.max()
