@@ -109,14 +109,20 @@ def test_stance_inputs_never_spell_out_a_letter():
                 assert not re.search(r"(?<![A-Za-z])[ABC](?![A-Za-z])", rec["prompt"].split("\n", 1)[1]), rec
 
 
-def test_numglue_answers_are_the_arithmetic():
+def test_numglue_answers_are_right():
+    """A wrong NumGLUE answer would make the task unlearnable: cm answers the sum, ds the quantity asked about."""
     for task in ("NumGLUE-cm", "NumGLUE-ds"):
         for split in SPLITS:
             for rec in _read(DATA, task, split):
                 numbers = [int(w) for w in rec["prompt"].replace(".", " ").split() if w.isdigit()]
                 assert len(numbers) == 2 and rec["answer"].isdigit()
                 a, b = numbers
-                assert int(rec["answer"]) == (a + b if task == "NumGLUE-cm" else a - b)
+                if task == "NumGLUE-cm":
+                    assert int(rec["answer"]) == a + b
+                else:  # the question asks about the first or the second quantity of its statement
+                    question = rec["prompt"].split("\nQuestion: ")[1].removesuffix("\nAnswer:")
+                    [which] = [qs.index(question) for _, qs in gen.DS_FACTS if question in qs]
+                    assert int(rec["answer"]) == (a, b)[which], rec
 
 
 def test_generation_is_deterministic_and_test_split_ignores_train_size(tmp_path: Path):

@@ -337,19 +337,18 @@ SCIENCEQA_FACTS: tuple[tuple[str, dict[str, tuple[str, ...]]], ...] = (
         "conducts electricity well": ("copper", "silver", "aluminum", "gold", "steel"),
         "is a good insulator": ("rubber", "wood", "glass", "plastic", "cotton"),
     }),
-    ("Which of these objects {g}?", {
-        "is attracted to a magnet": ("an iron nail", "a steel paper clip", "a steel spoon", "an iron key"),
-        "is not attracted to a magnet": ("a rubber band", "a wooden spoon", "a glass marble", "a plastic cup",
-                                         "a copper coin", "a paper bag"),
+    ("Which of these objects is {g}?", {
+        "attracted to a magnet": ("an iron nail", "a steel paper clip", "a steel spoon", "an iron key"),
+        "": ("a rubber band", "a wooden spoon", "a glass marble", "a plastic cup", "a copper coin", "a paper bag"),
     }),
-)
+)  # a group named "" only supplies wrong options (no negated questions: a 135M model reads "not" poorly)
 SCIENCEQA_LETTERS = ["A", "B", "C", "D"]
 
 
 def make_scienceqa(rng: random.Random, letter: str) -> tuple[str, str]:
     template, groups = SCIENCEQA_FACTS[rng.randrange(len(SCIENCEQA_FACTS))]
     names = sorted(groups)
-    group = _pick(rng, names)
+    group = _pick(rng, [name for name in names if name])
     right = _pick(rng, groups[group])
     wrong_pool = sorted({item for name in names if name != group for item in groups[name]} - {right})
     n_options = 4 if letter == "D" else rng.choice((3, 4))
@@ -361,7 +360,7 @@ def make_scienceqa(rng: random.Random, letter: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# NumGLUE-cm: addition word problems; NumGLUE-ds: subtraction in a statement/question form. Both answer an integer.
+# NumGLUE-cm: addition word problems; NumGLUE-ds: a quantity read from a statement. Both answer an integer.
 # ----------------------------------------------------------------------------------------------------------------
 
 NUMGLUE_PROMPT = "Solve the following math problem.\n{problem}\nAnswer:"
@@ -375,15 +374,23 @@ CM_TEMPLATES = (
     "{name} collected {a} {x} on Monday and {b} {x} on Tuesday. How many {x} did {pron} collect in total?",
     "{name} has {a} {x} and a friend gives {pron_obj} {b} {x}. How many {x} does {name} have altogether?",
 )
-DS_FACTS = (  # (start statement, removal statement, question), {a}/{b} filled in
-    ("A tank holds {a} liters of water.", "{b} liters are used.", "How many liters are left?"),
-    ("A store has {a} boxes.", "It sells {b} boxes.", "How many boxes remain?"),
-    ("A bus carries {a} passengers.", "{b} passengers get off.", "How many passengers are still on the bus?"),
-    ("A library owns {a} new books.", "{b} books are borrowed.", "How many new books are left?"),
-    ("A farm has {a} sheep.", "The farmer sells {b} sheep.", "How many sheep are left?"),
-    ("A bakery makes {a} loaves.", "{b} loaves are sold.", "How many loaves remain?"),
-    ("A wallet holds {a} dollars.", "{b} dollars are spent.", "How many dollars are left?"),
-    ("A road is {a} km long.", "{b} km have been paved.", "How many km are not paved yet?"),
+# NumGLUE-ds mirrors NumGLUE's reading-comprehension type: the answer is a quantity stated in the passage, so the model
+# must read which one is asked. (Subtraction was tried first: SmolLM2-135M scored 0.04 after 50 LoRA steps.)
+DS_FACTS = (  # (statement with {a} of the first kind and {b} of the second, (first kind question, second kind question))
+    ("A farm has {a} sheep and {b} horses.", ("How many sheep are on the farm?", "How many horses are on the farm?")),
+    ("A shelf holds {a} books and {b} magazines.", ("How many books are on the shelf?",
+                                                    "How many magazines are on the shelf?")),
+    ("A bus carries {a} adults and {b} children.", ("How many adults are on the bus?",
+                                                    "How many children are on the bus?")),
+    ("A garden has {a} roses and {b} tulips.", ("How many roses are in the garden?",
+                                                "How many tulips are in the garden?")),
+    ("A team scored {a} points in the first half and {b} points in the second half.",
+     ("How many points did the team score in the first half?", "How many points did the team score in the second half?")),
+    ("A class has {a} girls and {b} boys.", ("How many girls are in the class?", "How many boys are in the class?")),
+    ("A store sold {a} shirts on Monday and {b} shirts on Friday.",
+     ("How many shirts did the store sell on Monday?", "How many shirts did the store sell on Friday?")),
+    ("A box contains {a} red pens and {b} blue pens.", ("How many red pens are in the box?",
+                                                        "How many blue pens are in the box?")),
 )
 
 
@@ -396,11 +403,12 @@ def make_numglue_cm(rng: random.Random, _label: str) -> tuple[str, str]:
 
 
 def make_numglue_ds(rng: random.Random, _label: str) -> tuple[str, str]:
-    start, removal, question = _pick(rng, DS_FACTS)
-    a = rng.randint(10, 40)
-    b = rng.randint(2, a - 2)
-    problem = f"Statement: {start.format(a=a)} {removal.format(b=b)}\nQuestion: {question}"
-    return NUMGLUE_PROMPT.format(problem=problem), str(a - b)
+    statement, questions = DS_FACTS[rng.randrange(len(DS_FACTS))]
+    a = rng.randint(2, 40)
+    b = rng.choice([n for n in range(2, 41) if n != a])
+    asked = rng.randrange(2)
+    problem = f"Statement: {statement.format(a=a, b=b)}\nQuestion: {questions[asked]}"
+    return NUMGLUE_PROMPT.format(problem=problem), str((a, b)[asked])
 
 
 # ----------------------------------------------------------------------------------------------------------------
