@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint results clean-venv
+.PHONY: install demo test lint results strategy-table clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 results: $(STAMP)
 	$(BIN)/clbench leaderboard results/runs --out results/leaderboard.csv
 	$(BIN)/clbench report results/runs --out results/report
+
+# docs/strategies.md: which method runs under which strategy, written from the outcomes of the DDP tests
+strategy-table: $(STAMP)
+	CLBENCH_STRATEGY_TABLE=docs/strategies.md $(BIN)/python -m pytest -q tests/test_strategy_matrix.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check clbench methods benchmarks tests scripts
