@@ -38,6 +38,7 @@ from clbench.method import CLMethod, MethodConfig
 from clbench.registry import register_method
 
 from ._experts import ExpertLinear, Router, inject, layer_index, num_layers
+from ._moses_usage import plot_expert_usage
 
 _DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
@@ -570,7 +571,8 @@ class MoSEs(CLMethod):
         return {"trainable": trainable, "added": added, "frozen": frozen, "total": self.base_param_count + added}
 
     def write_artifacts(self, run_dir: Path) -> None:
-        """``expert_usage.csv`` (task, layer, expert, new_or_reused, owner) and ``param_growth.csv`` (per task)."""
+        """``expert_usage.csv`` (task, layer, expert, new_or_reused, owner), its figure ``expert_usage.png`` and
+        ``param_growth.csv`` (per task)."""
         run_dir = Path(run_dir)
         done = [t for t in range(self.num_tasks) if bool(self.task_done[t])]
         with open(run_dir / "expert_usage.csv", "w", newline="") as fh:
@@ -594,6 +596,8 @@ class MoSEs(CLMethod):
                 owned += part["new_experts"]
                 writer.writerow([t, self._task_names.get(t, str(t)), part["new_experts"], part["reused_experts"],
                                  part["added"], total, owned])
+        if done:
+            plot_expert_usage(run_dir / "expert_usage.csv", run_dir / "expert_usage.png")
 
 
 __all__ = ["MoSEs", "MoSEsConfig", "MoSELinear", "MoSERouter", "RoutingContext"]

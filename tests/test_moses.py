@@ -307,6 +307,7 @@ def test_harness_runs_with_and_without_oracle_and_writes_artifacts(tmp_path, tra
         usage = pd.read_csv(run_dir / "expert_usage.csv")
         assert {"task", "layer", "expert", "new_or_reused"} <= set(usage.columns)
         assert set(usage["new_or_reused"]) == {"new", "reused"}
+        assert (run_dir / "expert_usage.png").read_bytes()[:4] == b"\x89PNG"  # the usage figure, drawn
         growth = pd.read_csv(run_dir / "param_growth.csv")
         assert list(growth["task"]) == ["C-STANCE", "FOMC"]
         metrics = json.loads((run_dir / "metrics.json").read_text())
