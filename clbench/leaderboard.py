@@ -262,7 +262,8 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    # piped or logged output has no terminal width; rich would squeeze the table into 80 columns and cut every name
+    console = console or (Console() if sys.stdout.isatty() else Console(width=160))
     if table.empty:
         console.print("no finished runs")
         return
