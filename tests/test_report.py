@@ -165,3 +165,23 @@ def test_no_runs_is_a_clear_error(tmp_path):
     """If this fails, pointing the report at an empty folder writes an empty report silently (or crashes)."""
     with pytest.raises(NoRunsError, match="no finished runs"):
         write_report([tmp_path], tmp_path / "out")
+
+
+def test_make_results_copies_the_leaderboard_and_two_figures_into_the_readme(report, tmp_path):
+    """If this fails, `make results` leaves README.md showing numbers or figures the run folders no longer produce."""
+    import subprocess
+    import sys
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nstale numbers\n<!-- results:end -->\nrest\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"
+    done = subprocess.run([sys.executable, str(script), "--report", str(report), "--readme",
+                           str(readme)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert "stale numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    block = text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+    assert "| Method | Seeds |" in block and "OP" in block
+    images = [line.split('src="')[1].split('"')[0] for line in block.splitlines() if line.startswith("<img")]
+    assert [Path(i).name for i in images] == ["op_vs_added_params.png", "forgetting_order1.png"]
+    assert all((readme.parent / i).is_file() for i in images)  # the paths resolve from the README's folder
