@@ -63,6 +63,7 @@ class BenchConfig:
     seed: int = 0
     clip: float | None = 1.0
     threads: int | None = None
+    frozen_dtype: str | None = None  # as `clbench run --frozen-dtype`: frozen Linear weights kept in bf16/fp16
     out: str = "results/bench"
     name: str | None = None
 
@@ -75,6 +76,12 @@ class BenchConfig:
             raise ConfigError("steps, batch size, seq len, new tokens and num tasks must be >= 1, warmup >= 0")
         if not self.methods:
             raise ConfigError("--methods needs at least one method name")
+        if self.frozen_dtype is not None:
+            from clbench.harness import FROZEN_DTYPES
+
+            if self.frozen_dtype not in FROZEN_DTYPES or FROZEN_DTYPES[self.frozen_dtype][1] != self.precision:
+                raise ConfigError(f"--frozen-dtype {self.frozen_dtype} needs --precision "
+                                  f"{FROZEN_DTYPES.get(self.frozen_dtype, (None, 'bf16-mixed or 16-mixed'))[1]}")
 
 
 @dataclass
@@ -211,13 +218,22 @@ def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.devic
     loaded = load_model(cfg.model)
     # exactly new_tokens tokens for everyone: EOS is suppressed until then (greedy decoding is otherwise unchanged)
     loaded.model.generation_config.min_new_tokens = cfg.new_tokens
+    frozen = None
+    if cfg.frozen_dtype is not None:
+        from clbench.harness import FROZEN_DTYPES
+
+        frozen = FROZEN_DTYPES[cfg.frozen_dtype][0]
     if name == BASE:
         method = CLMethod(loaded.model, loaded.tokenizer, MethodConfig(), num_tasks=1)
+        if frozen is not None:
+            method.store_frozen_linears(frozen)
         return _Entry(name, method.to(device), None)
     cls = registry.get_method(name)
     method_cfg = build(cls.config_class, method_defaults(name), where=f"method '{name}' config")
     method = cls(loaded.model, loaded.tokenizer, method_cfg, num_tasks=cfg.num_tasks)
     method.begin_task(0, task)
+    if frozen is not None:
+        method.store_frozen_linears(frozen)
     method.to(device)
     return _Entry(name, method, _optimizer(method))
 
@@ -409,7 +425,8 @@ def print_results(results: dict[str, Any], console: Any = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     settings = results["settings"]
     table = Table(title=f"clbench bench · {settings['model']} · {results['device']} · {settings['precision']} · "
-                        f"batch {settings['batch_size']} · {settings['steps']} steps",
+                        f"batch {settings['batch_size']} · {settings['steps']} steps"
+                        + (f" · frozen weights {settings['frozen_dtype']}" if settings.get("frozen_dtype") else ""),
                   caption=f"memory: {results['memory_kind']}; data: {results['data']}")
     heads = [("method", "method", None), ("trainable", "trainable_params", ",d"),
              ("train ms/step", "train_step_ms", ".1f"), ("× lora", "train_vs_lora", ".2f"),

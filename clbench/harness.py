@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -93,7 +94,12 @@ class RunConfig:
     oracle_task_id: bool = False
     progress: bool = True
     stop_after: int | None = None
+    # "bf16"/"fp16": store frozen Linear weights in the autocast dtype (bit-identical outputs under bf16-mixed /
+    # 16-mixed, half their memory, no per-step weight cast); None keeps fp32 master weights everywhere
+    frozen_dtype: str | None = None
 
+
+FROZEN_DTYPES = {"bf16": (torch.bfloat16, "bf16-mixed"), "fp16": (torch.float16, "16-mixed")}
 
 # Fields that never change what a run computes; excluded from the run's identity (folder hash, resume check).
 _NOT_IDENTITY = {"out", "results_dir", "progress", "stop_after"}
@@ -212,6 +218,13 @@ class Harness:
         if cfg.oracle_task_id and not (self.method_cls.supports_oracle_task_id or self.method_cls.task_aware):
             raise ConfigError(f"method '{cfg.method}' cannot use --oracle-task-id (it has no per-task routing)")
         check_strategy(cfg)
+        if cfg.frozen_dtype is not None:
+            if cfg.frozen_dtype not in FROZEN_DTYPES:
+                raise ConfigError(f"frozen_dtype '{cfg.frozen_dtype}' is not one of {sorted(FROZEN_DTYPES)}")
+            needed = FROZEN_DTYPES[cfg.frozen_dtype][1]
+            if cfg.precision != needed:
+                raise ConfigError(f"--frozen-dtype {cfg.frozen_dtype} needs --precision {needed} (frozen weights are "
+                                  f"only read through autocast), not {cfg.precision}")
         factory = registry.get_benchmark(cfg.benchmark)
         self.benchmark: Benchmark = factory(data_dir=cfg.data_dir, limit_train=cfg.limit_train,
                                             limit_eval=cfg.limit_eval, limit_test=cfg.limit_test)
@@ -225,6 +238,8 @@ class Harness:
     # ---- config ----------------------------------------------------------------------------------------------
     def _resolve(self) -> dict[str, Any]:
         run = {k: v for k, v in to_dict(self.cfg).items() if k not in _NOT_IDENTITY}
+        if run.get("frozen_dtype") is None:  # unset: identical to runs made before the option existed
+            run.pop("frozen_dtype", None)
         run["max_prompt_len"] = self.cfg.max_prompt_len or self.benchmark.max_prompt_len
         run["max_answer_len"] = self.cfg.max_answer_len or self.benchmark.max_answer_len
         identity = {
@@ -281,6 +296,7 @@ class Harness:
             started = time.perf_counter()
             L.seed_everything(cfg.seed * 1000 + t, verbose=False)
             method.begin_task(t, task)
+            self._store_frozen(method)
             train_stats = self._fit(method, t)
             train_seconds = time.perf_counter() - started
             self._evaluate(method, row=t + 1, label=f"after {task.name}",
@@ -301,7 +317,12 @@ class Harness:
                 break
             L.seed_everything(self.cfg.seed * 1000 + t, verbose=False)
             method.begin_task(t, self.tasks[t])
+            self._store_frozen(method)
         method.load_checkpoint_state(self.store.load_state(last_done + 1))
+
+    def _store_frozen(self, method: CLMethod) -> None:
+        if self.cfg.frozen_dtype is not None:
+            method.store_frozen_linears(FROZEN_DTYPES[self.cfg.frozen_dtype][0])
 
     def _strategy(self) -> str:
         # Methods whose active experts change per batch leave some trainable parameters without a gradient in a
@@ -341,7 +362,11 @@ class Harness:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.fit(method, train_dataloaders=loader)
-        method.end_task(t, task, train_loader=loader)
+        # with frozen weights in bf16/fp16, end_task's own forwards (Fisher, importance, keys) must run under the
+        # run's autocast too, as training did; fp32 runs keep their exact behaviour
+        context = trainer.precision_plugin.forward_context() if self.cfg.frozen_dtype else contextlib.nullcontext()
+        with context:
+            method.end_task(t, task, train_loader=loader)
         return {**meter.summary(), "examples": len(examples), "epochs": epochs}
 
     def _evaluate(self, method: CLMethod, row: int, label: str, extra: dict[str, Any] | None = None,

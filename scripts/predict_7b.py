@@ -8,7 +8,8 @@ Every input is a stated assumption with a flag to change it. The formulas:
   gradients of the frozen base (the other 2N of full fine-tuning's 6N) are never computed.
 - train tokens/s per GPU = peak bf16 FLOP/s x MFU / FLOPs per token; the node scales by GPUs x DDP efficiency (the
   all-reduce carries only the adapter gradients, a few MB per step).
-- memory per GPU under DDP: bf16 weights (2N bytes) + activations (34 s b h bytes per layer; Korthikanti et al.
+- memory per GPU under DDP: bf16 weights (2N bytes; `--frozen-dtype bf16`, set by the GPU hardware profiles; fp32
+  frozen weights would need 4N) + activations (34 s b h bytes per layer; Korthikanti et al.
   2022, eq. 2, with FlashAttention removing the 5as/h attention-score term) + adapter weights, grads and Adam
   state (16 bytes per trainable parameter).
 - generation is memory-bound at small batch: one decoding step reads every weight once, 2N bytes / HBM bandwidth.

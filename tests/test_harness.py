@@ -99,3 +99,48 @@ def test_seqft_trains_base_weights_and_checkpoints_them(tmp_path, trace_dir):
 
     state = torch.load(run_dir / "state" / "after-1.pt", weights_only=True)
     assert set(state) == {n for n, _ in method.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["lora", "olora", "moses", "ewc"])
+def test_frozen_weights_in_bf16_give_the_same_predictions(tmp_path, trace_dir, method):
+    """If this fails, `--frozen-dtype bf16` (half the weight memory, needed for 7B models) changes what a run
+    computes, or leaves the frozen weights in fp32, or breaks a method's end_task (EWC's Fisher pass)."""
+    import torch
+
+    from clbench.harness import FROZEN_DTYPES, Harness
+
+    settings = dict(method=method, precision="bf16-mixed", num_tasks=2, max_steps_per_task=3)
+    fast = {"lr": 0.05}  # so 3 steps change the outputs and the comparison below is not vacuous
+    plain = Harness(tiny_run(tmp_path, trace_dir, out=str(tmp_path / "fp32"), **settings), fast).run()
+    harness = Harness(tiny_run(tmp_path, trace_dir, out=str(tmp_path / "bf16"), frozen_dtype="bf16", **settings),
+                      fast)
+    halved = harness.run()
+    for name in ("after-1/C-STANCE.json", "after-2/C-STANCE.json", "after-2/FOMC.json"):
+        assert (plain / "predictions" / name).read_text() == (halved / "predictions" / name).read_text(), name
+    assert (plain / "R.csv").read_text() == (halved / "R.csv").read_text()
+    assert (plain / "predictions/after-0/C-STANCE.json").read_text() != (
+        plain / "predictions/after-2/C-STANCE.json").read_text()
+    # the folder hash ignores an unset option, so runs made before it existed keep their folders
+    assert "frozen_dtype" not in json.dumps(Harness(tiny_run(tmp_path, trace_dir, **settings)).resolved["identity"])
+
+    from clbench import registry
+    from clbench.models import load_model
+
+    loaded = load_model("tiny")
+    m = registry.get_method(method)(loaded.model, loaded.tokenizer, harness.method_cfg, num_tasks=2)
+    m.begin_task(0, harness.tasks[0])
+    assert m.store_frozen_linears(FROZEN_DTYPES["bf16"][0]) > 0
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert all(mod.weight.dtype == (torch.float32 if mod.weight.requires_grad else torch.bfloat16)
+               for mod in linears if mod.weight is not m.model.get_input_embeddings().weight)
+
+
+def test_frozen_dtype_needs_the_matching_precision(tmp_path, trace_dir):
+    """If this fails, bf16 weights could meet fp32 activations outside autocast and crash mid-run."""
+    from clbench.config import ConfigError
+    from clbench.harness import Harness
+
+    with pytest.raises(ConfigError, match="needs --precision bf16-mixed"):
+        Harness(tiny_run(tmp_path, trace_dir, frozen_dtype="bf16", precision="32-true"))
+    with pytest.raises(ConfigError, match="not one of"):
+        Harness(tiny_run(tmp_path, trace_dir, frozen_dtype="int8", precision="32-true"))
