@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.benchmark import Task
+from clbench.benchmark import IGNORE_INDEX, Task
 from clbench.config import ConfigError
 from clbench.method import CLMethod, MethodConfig
 from clbench.registry import register_method
@@ -60,10 +60,10 @@ class MoSEsConfig(MethodConfig):
     pull_weight: float = 0.5  # λ_p, weight of the pull constraint 1 - cos(q(x), k_t) (L2P: 0.5)
     key_init: str = "first_batch"  # "first_batch": k_t starts at its first batch's mean query; "random"
     new_expert_score: float = 0.1  # head start of the fresh slots' mask scores, so a task starts with its budget
-    prompt_length: int = 0  # L2P-style task prompt length; 0 = off (prompts are not implemented yet)
+    prompt_length: int = 0  # L, L2P-style task prompt: L vectors in front of the routed task's input; 0 = off
     router_lr: float = 1e-3  # learning rate of the task's router W_r^t
     score_lr: float = 1e-2  # learning rate of the task's mask scores u_t
-    key_lr: float = 1e-2  # learning rate of the task's key k_t
+    key_lr: float = 1e-2  # learning rate of the task's key k_t (and of its prompt P_t, as L2P trains both alike)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
@@ -74,8 +74,8 @@ class MoSEsConfig(MethodConfig):
             raise ValueError("rank must be >= 1, temperature > 0 and pull_weight >= 0")
         if self.key_init not in ("first_batch", "random"):
             raise ValueError(f"key_init must be 'first_batch' or 'random', got {self.key_init!r}")
-        if self.prompt_length != 0:
-            raise ValueError("prompt_length > 0 (L2P-style task prompts) is not implemented; use 0")
+        if self.prompt_length < 0:
+            raise ValueError(f"prompt_length must be >= 0, got {self.prompt_length}")
 
 
 class RoutingContext:
@@ -303,6 +303,16 @@ class MoSELinear(ExpertLinear):
         return down, up, valid.to(torch.float32)[:, None, None]
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (the prompt-free query needs only the layers below the key)."""
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q(x): mean of the hidden states over the masked tokens (float32, detached)."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.detach().float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 def _find_layer_module(model: nn.Module, index: int) -> nn.Module:
     """The decoder layer ``...layers.<index>`` (its output is the residual stream), or the token embeddings (-1)."""
     if index < 0:
@@ -340,6 +350,11 @@ class MoSEs(CLMethod):
             layers)
         d_key = model.get_input_embeddings().embedding_dim
         self.keys = nn.ParameterList([nn.Parameter(0.02 * torch.randn(d_key)) for _ in range(num_tasks)])
+        # L2P-style task prompts P_t (L × d), started at L random vocabulary embeddings (Lester et al., 2021)
+        embeddings = model.get_input_embeddings().weight.detach()
+        self.prompts = nn.ParameterList([
+            nn.Parameter(embeddings[torch.randint(0, embeddings.shape[0], (cfg.prompt_length,))].clone().float())
+            for _ in range(num_tasks if cfg.prompt_length > 0 else 0)])
         self.register_buffer("task_done", torch.zeros(num_tasks, dtype=torch.bool))
         self.register_buffer("key_ready", torch.zeros(num_tasks, dtype=torch.bool))
         self._key_hook = _find_layer_module(model, self.key_layer).register_forward_hook(self._on_key_layer)
@@ -360,6 +375,8 @@ class MoSEs(CLMethod):
             for p in (layer.A_new, layer.B_new, layer.router.weight[t], layer.router.scores[t]):
                 p.requires_grad_(True)
         self.keys[t].requires_grad_(True)
+        if self.cfg.prompt_length > 0:
+            self.prompts[t].requires_grad_(True)
 
     def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
         """Fix m_t, hand the selected fresh slots to task t (frozen from now on), and mark the task finished."""
@@ -423,12 +440,64 @@ class MoSEs(CLMethod):
         if mask.shape != hidden.shape[:2]:
             raise RuntimeError(f"prompt mask {tuple(mask.shape)} does not match the hidden states "
                                f"{tuple(hidden.shape[:2])} at the key layer")
-        weights = mask.to(torch.float32).unsqueeze(-1)
-        query = (hidden.detach().float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        self._decide(ctx, _pool(hidden, mask))
+
+    def _decide(self, ctx: RoutingContext, query: torch.Tensor) -> None:
+        """Record q(x), the nearest key's task and the task each example takes (forced id if given, else the key)."""
         ctx.query = query
         ctx.key_choice = self.nearest_task(query)
         ctx.task_ids = ctx.forced if ctx.forced is not None else ctx.key_choice
         ctx.version += 1
+
+    # ---- task prompts (prompt_length > 0) -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _prompt_free_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """q(x) from the frozen layers up to the key layer, run on the input alone.
+
+        With prompts, the task must be known before its prompt enters the input, so (as in L2P) the query comes
+        from a separate pass without any prompt, stopped at the key layer: about key_layer/L_model of a forward,
+        once per training step and once per ``generate`` call. Without prompts the main pass's hook computes the
+        same q(x).
+        """
+        captured: dict[str, torch.Tensor] = {}
+
+        def stop(module: nn.Module, args: Any, output: Any) -> None:
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = _find_layer_module(self.model, self.key_layer).register_forward_hook(stop)
+        try:
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return _pool(captured["hidden"], self._query_mask(batch))
+
+    def _prompted(self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model inputs with P_τ(x) in front of each example (inputs_embeds); attention mask and labels extended.
+
+        An example with no task (τ = -1) gets its prompt positions masked out, so it sees the base model."""
+        embeds = self.model.get_input_embeddings()(batch["input_ids"])
+        n, length = embeds.shape[0], self.cfg.prompt_length
+        has_task = (task_ids >= 0).to(embeds.device)
+        prefix = torch.stack(list(self.prompts))[task_ids.clamp(min=0)].to(embeds.dtype)
+        prefix = prefix * has_task[:, None, None].to(embeds.dtype)
+        mask = batch["attention_mask"]
+        inputs = {"inputs_embeds": torch.cat([prefix, embeds], 1),
+                  "attention_mask": torch.cat([has_task[:, None].expand(n, length).to(mask.dtype), mask], 1)}
+        if batch.get("labels") is not None:
+            labels = batch["labels"]
+            inputs["labels"] = torch.cat([torch.full((n, length), IGNORE_INDEX, dtype=labels.dtype,
+                                                     device=labels.device), labels], 1)
+        return inputs
+
+    def _prompted_forward(self, batch: dict[str, torch.Tensor], ctx: RoutingContext) -> Any:
+        """Forward with task prompts: decide from the prompt-free query, then run the prompted input."""
+        self._decide(ctx, self._prompt_free_query(batch))
+        out = self.model(**self._prompted(batch, ctx.task_ids), use_cache=False)
+        out["logits"] = out.logits[:, self.cfg.prompt_length:]  # one logit row per input token, as without prompts
+        return out
 
     def _oracle_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if "task_id" not in batch:
@@ -445,13 +514,18 @@ class MoSEs(CLMethod):
             if t < 0:
                 raise RuntimeError("begin_task must be called before training MoSEs")
             forced = torch.full((batch["input_ids"].shape[0],), t, dtype=torch.long, device=batch["input_ids"].device)
-            with self._routing(batch, forced, train_task=t):
-                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 labels=batch.get("labels"), use_cache=False)
+            with self._routing(batch, forced, train_task=t) as ctx:
+                if self.cfg.prompt_length > 0:
+                    out = self._prompted_forward(batch, ctx)
+                else:
+                    out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     labels=batch.get("labels"), use_cache=False)
             if self.cfg.key_init == "first_batch" and not bool(self.key_ready[t]):
                 self._init_key(t, self._last_query)
             return out
-        with self._routing(batch, self._oracle_ids(batch)):
+        with self._routing(batch, self._oracle_ids(batch)) as ctx:
+            if self.cfg.prompt_length > 0:
+                return self._prompted_forward(batch, ctx)
             return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               labels=batch.get("labels"), use_cache=False)
 
@@ -485,7 +559,7 @@ class MoSEs(CLMethod):
         experts = [p for layer in self._mose_layers.values() for p in (layer.A_new, layer.B_new) if p.requires_grad]
         routers = [p for layer in self._mose_layers.values() for p in layer.router.weight if p.requires_grad]
         scores = [p for layer in self._mose_layers.values() for p in layer.router.scores if p.requires_grad]
-        keys = [p for p in self.keys if p.requires_grad]
+        keys = [p for p in (*self.keys, *self.prompts) if p.requires_grad]
         groups = [{"params": experts, "lr": cfg.lr}, {"params": routers, "lr": cfg.router_lr},
                   {"params": scores, "lr": cfg.score_lr, "weight_decay": 0.0},
                   {"params": keys, "lr": cfg.key_lr, "weight_decay": 0.0}]
@@ -503,8 +577,14 @@ class MoSEs(CLMethod):
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         """Greedy generation; the prefill pass picks each example's task (oracle id or nearest key) at the key layer."""
-        with self._routing(batch, self._oracle_ids(batch)):
-            return super().generate(batch, max_new_tokens)
+        with self._routing(batch, self._oracle_ids(batch)) as ctx:
+            if self.cfg.prompt_length == 0:
+                return super().generate(batch, max_new_tokens)
+            self._decide(ctx, self._prompt_free_query(batch))
+            # with only inputs_embeds, generate returns just the new tokens
+            return self.model.generate(**self._prompted(batch, ctx.task_ids), max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                                       eos_token_id=self.tokenizer.eos_token_id)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         """Generate, and remember which task each example's key chose (for ``task_id_accuracy``)."""
@@ -550,7 +630,8 @@ class MoSEs(CLMethod):
             reused += layer.top_k - n_new
             # a finished task needs only the router rows of its mask (k × d_in) and the k mask indices
             added += n_new * layer.expert_params(0) + layer.top_k * (layer.in_features + 1)
-        return {"new_experts": new, "reused_experts": reused, "added": added + self.keys[t].numel()}
+        prompt = self.prompts[t].numel() if self.cfg.prompt_length > 0 else 0
+        return {"new_experts": new, "reused_experts": reused, "added": added + self.keys[t].numel() + prompt}
 
     def param_report(self) -> dict[str, int]:
         """Parameter counts for the growth curve.
@@ -565,6 +646,7 @@ class MoSEs(CLMethod):
         trainable = 0
         if 0 <= t < self.num_tasks:
             trainable = sum(layer.trained_params(t) for layer in self._mose_layers.values()) + self.keys[t].numel()
+            trainable += self.prompts[t].numel() if self.cfg.prompt_length > 0 else 0
         frozen = sum(self._task_params(i)["added"] for i in range(self.num_tasks) if bool(self.task_done[i]))
         running = 0 <= t < self.num_tasks and not bool(self.task_done[t])
         added = frozen + (trainable if running else 0)

@@ -87,11 +87,12 @@ def _logits(method, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return method(batch).logits
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """Three tasks trained in sequence; the oracle-id logits of each task right after it was learned."""
+@pytest.fixture(scope="module", params=[0, 3], ids=["no-prompt", "prompt3"])
+def trained(request):
+    """Three tasks trained in sequence (without and with L2P-style task prompts of 3 vectors); the oracle-id logits
+    of each task right after it was learned."""
     L.seed_everything(0, verbose=False)
-    method = _moses()
+    method = _moses(prompt_length=request.param)
     right_after, pools, reports = {}, [], []
     base = _logits(method, _eval_batch(method, TASKS[0], with_id=0))  # nothing trained: the base model
     for t, task in enumerate(TASKS):
@@ -277,11 +278,13 @@ def test_pull_constraint_decreases_and_keys_pick_the_trained_task():
         assert (method._last_choice == t).all(), task.name
 
 
-def test_default_key_init_identifies_tasks():
+@pytest.mark.parametrize("prompt_length", [0, 3])
+def test_default_key_init_identifies_tasks(prompt_length):
     """If this fails, the default key set-up (first-batch init + pull) cannot tell two clearly different tasks
-    apart, so every task-agnostic MoSEs run routes examples to the wrong mask."""
+    apart, so every task-agnostic MoSEs run routes examples to the wrong mask (and, with task prompts, prepends the
+    wrong task's prompt)."""
     L.seed_everything(0, verbose=False)
-    method = _moses(num_tasks=3)
+    method = _moses(num_tasks=3, prompt_length=prompt_length)
     for t, task in enumerate(TASKS):
         _fit(method, t, task, steps=4)
     method.eval()
@@ -289,6 +292,23 @@ def test_default_key_init_identifies_tasks():
         method.generate(_eval_batch(method, task), 1)
         assert (method._last_choice == t).all(), task.name
         assert method.evaluation_report(t, task) == {}  # no predict epoch ran: nothing recorded
+
+
+def test_task_prompts_train_only_the_current_task_and_stay_frozen_after():
+    """If this fails, `--set prompt_length=L` trains no prompt, or a later task moves an earlier task's prompt (which
+    would break zero forgetting under the oracle id)."""
+    L.seed_everything(0, verbose=False)
+    method = _moses(num_tasks=2, prompt_length=3)
+    initial = [p.detach().clone() for p in method.prompts]
+    _fit(method, 0, TASKS[0])
+    after_first = method.prompts[0].detach().clone()
+    assert not torch.equal(after_first, initial[0])  # task 0's prompt learned
+    assert torch.equal(method.prompts[1], initial[1])  # task 1's not touched yet
+    _fit(method, 1, TASKS[1])
+    assert torch.equal(method.prompts[0], after_first)  # frozen once its task finished
+    assert not torch.equal(method.prompts[1], initial[1])
+    assert method.param_report()["frozen"] == sum(method._task_params(t)["added"] for t in (0, 1))
+    assert method._task_params(1)["added"] > method.prompts[1].numel()  # the prompt counts as added
 
 
 def test_harness_runs_with_and_without_oracle_and_writes_artifacts(tmp_path, trace_dir):
