@@ -376,7 +376,8 @@ CM_TEMPLATES = (
 )
 # NumGLUE-ds mirrors NumGLUE's reading-comprehension type: the answer is a quantity stated in the passage, so the model
 # must read which one is asked. (Subtraction was tried first: SmolLM2-135M scored 0.04 after 50 LoRA steps.)
-DS_FACTS = (  # (statement with {a} of the first kind and {b} of the second, (first kind question, second kind question))
+# (statement with {a} of the first kind and {b} of the second, (question about the first, question about the second))
+DS_FACTS = (
     ("A farm has {a} sheep and {b} horses.", ("How many sheep are on the farm?", "How many horses are on the farm?")),
     ("A shelf holds {a} books and {b} magazines.", ("How many books are on the shelf?",
                                                     "How many magazines are on the shelf?")),
@@ -385,7 +386,8 @@ DS_FACTS = (  # (statement with {a} of the first kind and {b} of the second, (fi
     ("A garden has {a} roses and {b} tulips.", ("How many roses are in the garden?",
                                                 "How many tulips are in the garden?")),
     ("A team scored {a} points in the first half and {b} points in the second half.",
-     ("How many points did the team score in the first half?", "How many points did the team score in the second half?")),
+     ("How many points did the team score in the first half?",
+      "How many points did the team score in the second half?")),
     ("A class has {a} girls and {b} boys.", ("How many girls are in the class?", "How many boys are in the class?")),
     ("A store sold {a} shirts on Monday and {b} shirts on Friday.",
      ("How many shirts did the store sell on Monday?", "How many shirts did the store sell on Friday?")),
