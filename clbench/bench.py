@@ -76,12 +76,9 @@ class BenchConfig:
             raise ConfigError("steps, batch size, seq len, new tokens and num tasks must be >= 1, warmup >= 0")
         if not self.methods:
             raise ConfigError("--methods needs at least one method name")
-        if self.frozen_dtype is not None:
-            from clbench.harness import FROZEN_DTYPES
+        from clbench.harness import frozen_torch_dtype
 
-            if self.frozen_dtype not in FROZEN_DTYPES or FROZEN_DTYPES[self.frozen_dtype][1] != self.precision:
-                raise ConfigError(f"--frozen-dtype {self.frozen_dtype} needs --precision "
-                                  f"{FROZEN_DTYPES.get(self.frozen_dtype, (None, 'bf16-mixed or 16-mixed'))[1]}")
+        frozen_torch_dtype(self.frozen_dtype, self.precision)  # the same check as `clbench run`
 
 
 @dataclass
@@ -218,11 +215,9 @@ def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.devic
     loaded = load_model(cfg.model)
     # exactly new_tokens tokens for everyone: EOS is suppressed until then (greedy decoding is otherwise unchanged)
     loaded.model.generation_config.min_new_tokens = cfg.new_tokens
-    frozen = None
-    if cfg.frozen_dtype is not None:
-        from clbench.harness import FROZEN_DTYPES
+    from clbench.harness import frozen_torch_dtype
 
-        frozen = FROZEN_DTYPES[cfg.frozen_dtype][0]
+    frozen = frozen_torch_dtype(cfg.frozen_dtype, cfg.precision)
     if name == BASE:
         method = CLMethod(loaded.model, loaded.tokenizer, MethodConfig(), num_tasks=1)
         if frozen is not None:

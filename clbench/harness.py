@@ -101,6 +101,19 @@ class RunConfig:
 
 FROZEN_DTYPES = {"bf16": (torch.bfloat16, "bf16-mixed"), "fp16": (torch.float16, "16-mixed")}
 
+def frozen_torch_dtype(name: str | None, precision: str) -> torch.dtype | None:
+    """Torch dtype for ``--frozen-dtype NAME`` (None when unset); ConfigError unless ``precision`` autocasts to it."""
+    if name is None:
+        return None
+    if name not in FROZEN_DTYPES:
+        raise ConfigError(f"frozen_dtype '{name}' is not one of {sorted(FROZEN_DTYPES)}")
+    dtype, needed = FROZEN_DTYPES[name]
+    if precision != needed:
+        raise ConfigError(f"--frozen-dtype {name} needs --precision {needed} (frozen weights are only read through "
+                          f"autocast), not {precision}")
+    return dtype
+
+
 # Fields that never change what a run computes; excluded from the run's identity (folder hash, resume check).
 _NOT_IDENTITY = {"out", "results_dir", "progress", "stop_after"}
 
@@ -218,13 +231,7 @@ class Harness:
         if cfg.oracle_task_id and not (self.method_cls.supports_oracle_task_id or self.method_cls.task_aware):
             raise ConfigError(f"method '{cfg.method}' cannot use --oracle-task-id (it has no per-task routing)")
         check_strategy(cfg)
-        if cfg.frozen_dtype is not None:
-            if cfg.frozen_dtype not in FROZEN_DTYPES:
-                raise ConfigError(f"frozen_dtype '{cfg.frozen_dtype}' is not one of {sorted(FROZEN_DTYPES)}")
-            needed = FROZEN_DTYPES[cfg.frozen_dtype][1]
-            if cfg.precision != needed:
-                raise ConfigError(f"--frozen-dtype {cfg.frozen_dtype} needs --precision {needed} (frozen weights are "
-                                  f"only read through autocast), not {cfg.precision}")
+        frozen_torch_dtype(cfg.frozen_dtype, cfg.precision)  # fail before any model is loaded
         factory = registry.get_benchmark(cfg.benchmark)
         self.benchmark: Benchmark = factory(data_dir=cfg.data_dir, limit_train=cfg.limit_train,
                                             limit_eval=cfg.limit_eval, limit_test=cfg.limit_test)
@@ -321,8 +328,9 @@ class Harness:
         method.load_checkpoint_state(self.store.load_state(last_done + 1))
 
     def _store_frozen(self, method: CLMethod) -> None:
-        if self.cfg.frozen_dtype is not None:
-            method.store_frozen_linears(FROZEN_DTYPES[self.cfg.frozen_dtype][0])
+        dtype = frozen_torch_dtype(self.cfg.frozen_dtype, self.cfg.precision)
+        if dtype is not None:
+            method.store_frozen_linears(dtype)
 
     def _strategy(self) -> str:
         # Methods whose active experts change per batch leave some trainable parameters without a gradient in a
