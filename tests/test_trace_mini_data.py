@@ -109,6 +109,16 @@ def test_stance_inputs_never_spell_out_a_letter():
                 assert not re.search(r"(?<![A-Za-z])[ABC](?![A-Za-z])", rec["prompt"].split("\n", 1)[1]), rec
 
 
+def test_scienceqa_answer_is_the_letter_after_the_option_the_context_names():
+    """If the context and the letter disagreed, no model could learn ScienceQA and its column would measure noise."""
+    for split in SPLITS:
+        for record in _read(DATA, "ScienceQA", split):
+            context = re.search(r"Context: (.*)\n", record["prompt"]).group(1)
+            menu = re.findall(r"(an? [a-z ]+?) \(([A-D])\)", re.search(r"Options: (.*)\n", record["prompt"]).group(1))
+            named = [letter for option, letter in menu if context.endswith(f" {option}.")]
+            assert named == [record["answer"]], record
+
+
 def test_numglue_answers_are_right():
     """A wrong NumGLUE answer would make the task unlearnable: cm answers the sum, ds the quantity asked about."""
     for task in ("NumGLUE-cm", "NumGLUE-ds"):

@@ -301,62 +301,70 @@ def build_py150(sizes: dict[str, int], rng: random.Random) -> dict[str, list[Rec
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ScienceQA: a multiple-choice science fact, 3-4 options A-D; the answer is the letter (first-character accuracy)
+# ScienceQA: a multiple-choice science question, 2-4 options A-D; the answer is the letter (first-character accuracy)
 # ----------------------------------------------------------------------------------------------------------------
 
-SCIENCEQA_PROMPT = "Choose an answer for the following question.\nQuestion: {question}\nOptions: {options}\nAnswer:"
+SCIENCEQA_PROMPT = "Choose an answer for the following question.\n{context}Question: {question}\nOptions: {options}\nAnswer:"
 
-# (question template, groups): the right option comes from one group, the wrong ones from the other groups.
-SCIENCEQA_FACTS: tuple[tuple[str, dict[str, tuple[str, ...]]], ...] = (
-    ("Which of these animals is {g}?", {
-        "a mammal": ("dog", "whale", "horse", "bat", "cow", "rabbit", "lion", "dolphin", "elephant", "mouse"),
-        "a bird": ("eagle", "owl", "penguin", "robin", "parrot", "duck", "sparrow", "ostrich", "swan"),
-        "a fish": ("shark", "trout", "salmon", "tuna", "goldfish", "cod", "carp"),
-        "a reptile": ("snake", "lizard", "turtle", "crocodile", "gecko", "iguana"),
-        "an amphibian": ("frog", "toad", "salamander", "newt"),
-        "an insect": ("ant", "bee", "beetle", "butterfly", "grasshopper", "ladybug", "mosquito"),
-    }),
-    ("Which of these is {g} at room temperature?", {
-        "a solid": ("iron", "wood", "glass", "salt", "rock", "brick", "sand", "copper"),
-        "a liquid": ("water", "milk", "orange juice", "olive oil", "vinegar", "lemonade"),
-        "a gas": ("oxygen", "helium", "nitrogen", "carbon dioxide", "neon", "hydrogen"),
-    }),
-    ("Which of these is {g}?", {
-        "a planet": ("Mercury", "Venus", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"),
-        "a star": ("the Sun", "Sirius", "Polaris", "Vega", "Betelgeuse", "Rigel"),
-        "a moon": ("Titan", "Europa", "Ganymede", "Io", "Phobos", "Callisto"),
-    }),
-    ("Which unit is used to measure {g}?", {
-        "length": ("meter", "kilometer", "centimeter", "mile", "inch"),
-        "mass": ("kilogram", "gram", "milligram", "ton"),
-        "time": ("second", "minute", "hour"),
-        "volume": ("liter", "milliliter", "gallon"),
-        "temperature": ("degree Celsius", "kelvin", "degree Fahrenheit"),
-    }),
-    ("Which of these materials {g}?", {
-        "conducts electricity well": ("copper", "silver", "aluminum", "gold", "steel"),
-        "is a good insulator": ("rubber", "wood", "glass", "plastic", "cotton"),
-    }),
-    ("Which of these objects is {g}?", {
-        "attracted to a magnet": ("an iron nail", "a steel paper clip", "a steel spoon", "an iron key"),
-        "": ("a rubber band", "a wooden spoon", "a glass marble", "a plastic cup", "a copper coin", "a paper bag"),
-    }),
-)  # a group named "" only supplies wrong options (no negated questions: a 135M model reads "not" poorly)
+# Options are shuffled and written "option (letter)", with the letter after the option: SmolLM2-135M then learns in 50
+# LoRA steps to find the option the context names and copy the letter that follows it. With TRACE's "(A) option"
+# order it stayed at chance (0.29-0.42 after 50-150 steps, with or without the context): it could not bind an option
+# to the letter before it at this budget (measured; benchmarks/trace_mini/README.md).
+# (question phrasings with {x}, how the context names the item, the options, the items whose right answer is each)
+SCIENCEQA_FAMILIES: tuple[tuple[tuple[str, ...], str, tuple[str, ...], tuple[tuple[str, ...], ...]], ...] = (
+    (("Which group does the {x} belong to?", "What kind of animal is the {x}?", "Select the group of the {x}."),
+     "the {x}",
+     ("a mammal", "a bird", "a fish", "a reptile"), (
+         ("dog", "whale", "horse", "bat", "cow", "rabbit", "lion", "dolphin", "elephant", "mouse", "tiger", "sheep"),
+         ("eagle", "owl", "penguin", "robin", "parrot", "duck", "sparrow", "ostrich", "swan", "pigeon", "crow"),
+         ("shark", "trout", "salmon", "tuna", "goldfish", "cod", "carp", "herring", "catfish"),
+         ("snake", "lizard", "turtle", "crocodile", "gecko", "iguana", "alligator", "chameleon"))),
+    (("What is {x} at room temperature?", "In which state is {x} at room temperature?", "Select the state of {x}."),
+     "{x}",
+     ("a solid", "a liquid", "a gas"), (
+         ("iron", "wood", "glass", "salt", "rock", "brick", "sand", "copper", "chalk", "marble"),
+         ("water", "milk", "orange juice", "olive oil", "vinegar", "lemonade", "honey", "tea"),
+         ("oxygen", "helium", "nitrogen", "carbon dioxide", "neon", "hydrogen", "steam", "argon"))),
+    (("What is {x}?", "Which kind of object in space is {x}?", "Select the kind of object {x} is."),
+     "{x}",
+     ("a planet", "a star", "a moon"), (
+         ("Mercury", "Venus", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune", "Earth"),
+         ("the Sun", "Sirius", "Polaris", "Vega", "Betelgeuse", "Rigel", "Antares", "Aldebaran"),
+         ("Titan", "Europa", "Ganymede", "Io", "Phobos", "Callisto", "Deimos", "Triton"))),
+    (("What does a {x} measure?", "What kind of unit is a {x}?", "Select what a {x} is a unit of."),
+     "a {x}",
+     ("a unit of length", "a unit of mass", "a unit of time", "a unit of temperature"), (
+         ("meter", "kilometer", "centimeter", "mile", "inch", "foot", "yard"),
+         ("kilogram", "gram", "milligram", "ton", "pound", "ounce"),
+         ("second", "minute", "hour", "day", "week", "year"),
+         ("degree Celsius", "kelvin", "degree Fahrenheit"))),
+    (("Is {x} a conductor or an insulator?", "How well does {x} carry electricity?",
+      "Select the electrical property of {x}."),
+     "{x}",
+     ("a conductor", "an insulator"), (
+         ("copper", "silver", "aluminum", "gold", "steel", "iron", "brass", "tin"),
+         ("rubber", "wood", "glass", "plastic", "cotton", "paper", "wool", "ceramic"))),
+)
+# ScienceQA questions often come with a context that holds the fact needed; here it always does.
+SCIENCEQA_CONTEXTS = ("Context: {S} is {option}.\n", "Context: Scientists classify {s} as {option}.\n",
+                      "Context: In science class we learned that {s} is {option}.\n",
+                      "Context: A textbook says {s} is {option}.\n")
 SCIENCEQA_LETTERS = ["A", "B", "C", "D"]
 
 
 def make_scienceqa(rng: random.Random, letter: str) -> tuple[str, str]:
-    template, groups = SCIENCEQA_FACTS[rng.randrange(len(SCIENCEQA_FACTS))]
-    names = sorted(groups)
-    group = _pick(rng, [name for name in names if name])
-    right = _pick(rng, groups[group])
-    wrong_pool = sorted({item for name in names if name != group for item in groups[name]} - {right})
-    n_options = 4 if letter == "D" else rng.choice((3, 4))
-    wrong = rng.sample(wrong_pool, n_options - 1)
-    index = SCIENCEQA_LETTERS.index(letter)
-    options = wrong[:index] + [right] + wrong[index:]
-    shown = " ".join(f"({SCIENCEQA_LETTERS[i]}) {option}" for i, option in enumerate(options))
-    return SCIENCEQA_PROMPT.format(question=template.format(g=group), options=shown), letter
+    families = [family for family in SCIENCEQA_FAMILIES if len(family[2]) > SCIENCEQA_LETTERS.index(letter)]
+    questions, subject, options, items = families[rng.randrange(len(families))]
+    right = rng.randrange(len(options))
+    item = _pick(rng, items[right])
+    n_shown = max(SCIENCEQA_LETTERS.index(letter) + 1, rng.randint(2, len(options)))
+    wrong = rng.sample([option for i, option in enumerate(options) if i != right], n_shown - 1)
+    shown = wrong[: SCIENCEQA_LETTERS.index(letter)] + [options[right]] + wrong[SCIENCEQA_LETTERS.index(letter):]
+    menu = ", ".join(f"{option} ({SCIENCEQA_LETTERS[i]})" for i, option in enumerate(shown))
+    question = _pick(rng, questions).format(x=item)
+    named = subject.format(x=item)
+    context = _pick(rng, SCIENCEQA_CONTEXTS).format(S=_cap(named), s=named, option=options[right])
+    return SCIENCEQA_PROMPT.format(context=context, question=question, options=menu), letter
 
 
 # ----------------------------------------------------------------------------------------------------------------
