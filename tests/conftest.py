@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,22 @@ def tiny_run(tmp_path: Path, data_dir: Path, **overrides):
                   max_new_tokens=4, out=str(tmp_path / "run"))
     values.update(overrides)
     return RunConfig(**values)
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m clbench.cli ARGS`` in a fresh process with one thread and no inherited torch.distributed variables
+    (a launcher's RANK/WORLD_SIZE leaking in would make a single-process run wait for peers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "clbench.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def run_predictions(run_dir: Path) -> dict[str, list[str]]:
+    """Every predictions file of a run folder, ``{"after-N/Task.json": [prediction, ...]}``."""
+    return {str(p.relative_to(run_dir / "predictions")): [r["prediction"] for r in json.loads(p.read_text())]
+            for p in sorted((run_dir / "predictions").rglob("*.json"))}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,29 +4,19 @@ only rank 0 writes. Plain ``ddp`` re-runs the command line in each rank, so the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
-CLI = [sys.executable, "-m", "clbench.cli"]
+from conftest import run_cli, run_predictions
+
 COMMON = ["run", "--method", "lora", "--model", "tiny", "--num-tasks", "2", "--max-steps-per-task", "4",
           "--precision", "32-true", "--no-progress", "--max-new-tokens", "4", "--accelerator", "cpu",
           "--set", "lr=0.05", "--eval-batch-size", "3"]
 
 
 def clbench(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    result = run_cli(*args, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def predictions(run_dir: Path) -> dict[str, list[str]]:
-    return {str(p.relative_to(run_dir / "predictions")): [r["prediction"] for r in json.loads(p.read_text())]
-            for p in sorted((run_dir / "predictions").rglob("*.json"))}
 
 
 def test_two_processes_match_one_process_and_resume(tmp_path, trace_dir):
@@ -44,9 +34,9 @@ def test_two_processes_match_one_process_and_resume(tmp_path, trace_dir):
     resumed = clbench(*ddp)
     assert "resuming" in resumed.stderr
     assert (two / "DONE").is_file()
-    assert predictions(one) == predictions(two)
-    zero_shot = predictions(one)["after-0/C-STANCE.json"]
-    after = predictions(one)["after-2/C-STANCE.json"]
+    assert run_predictions(one) == run_predictions(two)
+    zero_shot = run_predictions(one)["after-0/C-STANCE.json"]
+    after = run_predictions(one)["after-2/C-STANCE.json"]
     assert zero_shot != after  # training changed the outputs, so the comparison above is not vacuous
     assert (one / "R.csv").read_text() == (two / "R.csv").read_text()
 
@@ -67,11 +57,10 @@ def test_non_zero_rank_writes_nothing(tmp_path, trace_dir, monkeypatch):
 
 def test_unsupported_strategy_is_one_clear_line(tmp_path, trace_dir):
     """FSDP/DeepSpeed on a CPU machine: an error line before any model is loaded, never a hang."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for strategy, expected in (("fsdp", "needs CUDA GPUs"), ("deepspeed_stage_2", "deepspeed"),
                                ("dpp", "unknown strategy")):
-        result = subprocess.run([*CLI, *COMMON, "--data-dir", str(trace_dir), "--strategy", strategy, "--out",
-                                 str(tmp_path / strategy)], capture_output=True, text=True, timeout=120, env=env)
+        result = run_cli(*COMMON, "--data-dir", str(trace_dir), "--strategy", strategy, "--out",
+                         str(tmp_path / strategy), timeout=120)
         assert result.returncode == 2
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert lines[-1].startswith("error: ") and expected in lines[-1], result.stderr

@@ -5,17 +5,14 @@ the outcomes, so the table can never claim a combination that was not run."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, run_predictions
 
 from clbench import registry
 
-CLI = [sys.executable, "-m", "clbench.cli"]
 # a large lr, so 3 steps visibly change the outputs and the 1-vs-2-process comparison is not vacuous
 RUN = ["run", "--model", "tiny", "--num-tasks", "2", "--max-steps-per-task", "3", "--precision", "32-true",
        "--no-progress", "--max-new-tokens", "4", "--accelerator", "cpu", "--eval-batch-size", "3", "--set", "lr=0.05"]
@@ -23,18 +20,6 @@ RUN = ["run", "--model", "tiny", "--num-tasks", "2", "--max-steps-per-task", "3"
 registry.load_all()
 METHODS = sorted(registry.methods())
 OUTCOMES: dict[str, dict[str, str]] = {}
-
-
-def _clbench(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
-
-
-def _predictions(run_dir: Path) -> dict[str, list[str]]:
-    return {str(p.relative_to(run_dir / "predictions")): [r["prediction"] for r in json.loads(p.read_text())]
-            for p in sorted((run_dir / "predictions").rglob("*.json"))}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,16 +57,16 @@ def test_method_runs_under_ddp_like_one_process(method: str, tmp_path: Path, tra
     equal the 1-process run's; a method that crashed, hung or drifted under DDP would fail here."""
     common = [*RUN, "--method", method, "--data-dir", str(trace_dir)]
     one, two = tmp_path / "one", tmp_path / "two"
-    single = _clbench(*common, "--batch-size", "4", "--out", str(one))
+    single = run_cli(*common, "--batch-size", "4", "--out", str(one))
     OUTCOMES[method] = {"single": "ok" if single.returncode == 0 else "fails", "ddp": "not run", "match": "–"}
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _clbench(*common, "--batch-size", "2", "--devices", "2", "--strategy", "ddp", "--out", str(two))
+    ddp = run_cli(*common, "--batch-size", "2", "--devices", "2", "--strategy", "ddp", "--out", str(two))
     OUTCOMES[method]["ddp"] = "ok" if ddp.returncode == 0 else "fails"
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    same = _predictions(one) == _predictions(two)
+    same = run_predictions(one) == run_predictions(two)
     OUTCOMES[method]["match"] = "yes" if same else "no"
     assert same, f"{method}: 2-process predictions differ from 1-process ones"
-    preds = _predictions(one)
+    preds = run_predictions(one)
     rows = sorted({name.split("/")[0] for name in preds})
     tasks = [name.split("/")[1] for name in preds if name.startswith(rows[-1] + "/")]
     # the comparison above means something only if training changed the outputs
