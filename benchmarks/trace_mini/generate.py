@@ -304,7 +304,8 @@ def build_py150(sizes: dict[str, int], rng: random.Random) -> dict[str, list[Rec
 # ScienceQA: a multiple-choice science question, 2-4 options A-D; the answer is the letter (first-character accuracy)
 # ----------------------------------------------------------------------------------------------------------------
 
-SCIENCEQA_PROMPT = "Choose an answer for the following question.\n{context}Question: {question}\nOptions: {options}\nAnswer:"
+SCIENCEQA_PROMPT = ("Choose an answer for the following question.\n{context}Question: {question}\nOptions: {options}\n"
+                    "Answer:")
 
 # Options are shuffled and written "option (letter)", with the letter after the option: SmolLM2-135M then learns in 50
 # LoRA steps to find the option the context names and copy the letter that follows it. With TRACE's "(A) option"
