@@ -34,9 +34,9 @@ def test_two_processes_match_one_process_and_resume(tmp_path, trace_dir):
     resumed = clbench(*ddp)
     assert "resuming" in resumed.stderr
     assert (two / "DONE").is_file()
-    assert run_predictions(one) == run_predictions(two)
-    zero_shot = run_predictions(one)["after-0/C-STANCE.json"]
-    after = run_predictions(one)["after-2/C-STANCE.json"]
+    preds = run_predictions(one)
+    assert preds == run_predictions(two)
+    zero_shot, after = preds["after-0/C-STANCE.json"], preds["after-2/C-STANCE.json"]
     assert zero_shot != after  # training changed the outputs, so the comparison above is not vacuous
     assert (one / "R.csv").read_text() == (two / "R.csv").read_text()
 

@@ -354,13 +354,14 @@ SCIENCEQA_LETTERS = ["A", "B", "C", "D"]
 
 
 def make_scienceqa(rng: random.Random, letter: str) -> tuple[str, str]:
-    families = [family for family in SCIENCEQA_FAMILIES if len(family[2]) > SCIENCEQA_LETTERS.index(letter)]
+    index = SCIENCEQA_LETTERS.index(letter)  # where the right option goes in the shown menu
+    families = [family for family in SCIENCEQA_FAMILIES if len(family[2]) > index]
     questions, subject, options, items = families[rng.randrange(len(families))]
     right = rng.randrange(len(options))
     item = _pick(rng, items[right])
-    n_shown = max(SCIENCEQA_LETTERS.index(letter) + 1, rng.randint(2, len(options)))
+    n_shown = max(index + 1, rng.randint(2, len(options)))
     wrong = rng.sample([option for i, option in enumerate(options) if i != right], n_shown - 1)
-    shown = wrong[: SCIENCEQA_LETTERS.index(letter)] + [options[right]] + wrong[SCIENCEQA_LETTERS.index(letter):]
+    shown = wrong[:index] + [options[right]] + wrong[index:]
     menu = ", ".join(f"{option} ({SCIENCEQA_LETTERS[i]})" for i, option in enumerate(shown))
     question = _pick(rng, questions).format(x=item)
     named = subject.format(x=item)
