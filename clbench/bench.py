@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import math
 import os
 import platform
@@ -42,14 +43,17 @@ BASE = "base"
 PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None, "32": None}
 COLUMNS = ["method", "trainable_params", "train_step_ms", "train_step_ms_min", "infer_ms_per_example",
            "infer_ms_per_example_min", "train_peak_mem_mb", "infer_peak_mem_mb", "train_vs_lora", "infer_vs_lora",
-           "train_mem_vs_lora", "infer_mem_vs_lora", "infer_vs_base", "train_mem_vs_base", "infer_mem_vs_base"]
+           "train_mem_vs_lora", "infer_mem_vs_lora", "infer_vs_base", "train_mem_vs_base", "infer_mem_vs_base",
+           "knobs"]
 
 
 @dataclass
 class BenchConfig:
     """Settings of one benchmark (every field is a ``clbench bench`` option)."""
 
+    # contenders: a method name, or LABEL=METHOD for a second setting of a method (knobs from `overrides`)
     methods: list[str] = field(default_factory=lambda: ["lora"])
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> knobs over the method's YAML
     model: str = "bundled"
     steps: int = 10
     warmup: int = 2
@@ -76,9 +80,29 @@ class BenchConfig:
             raise ConfigError("steps, batch size, seq len, new tokens and num tasks must be >= 1, warmup >= 0")
         if not self.methods:
             raise ConfigError("--methods needs at least one method name")
+        labels = [label for label, _ in self.contenders()]
+        if len(set(labels)) != len(labels) or BASE in labels:
+            raise ConfigError(f"--methods labels must be unique and not '{BASE}', got {', '.join(self.methods)}")
+        for label in self.overrides:
+            if label not in labels:
+                raise ConfigError(f"--set {label}.KEY=VALUE names no contender (contenders: {', '.join(labels)})")
         from clbench.harness import frozen_torch_dtype
 
         frozen_torch_dtype(self.frozen_dtype, self.precision)  # the same check as `clbench run`
+
+    def contenders(self) -> list[tuple[str, str]]:
+        """``(label, method name)`` per ``--methods`` entry: ``lora`` is ``("lora", "lora")``, ``lora15=lora`` is
+        ``("lora15", "lora")``."""
+        pairs = []
+        for entry in dict.fromkeys(self.methods):  # a repeated entry is measured once
+            if entry == BASE:  # always measured
+                continue
+            label, _, method = entry.partition("=")
+            label, method = label.strip(), (method or label).strip()
+            if not label or not method:
+                raise ConfigError(f"--methods entry '{entry}' must be METHOD or LABEL=METHOD")
+            pairs.append((label, method))
+        return pairs
 
 
 @dataclass
@@ -204,11 +228,35 @@ def _optimizer(method: CLMethod) -> torch.optim.Optimizer:
     return conf
 
 
-def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.device) -> _Entry:
-    """A fresh copy of the model wrapped by method ``name`` (its YAML defaults), after ``begin_task(0, task)``."""
+def parse_contender_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set LABEL.KEY=VALUE`` pairs (values are YAML, as in ``clbench run --set``) → ``{label: {key: value}}``."""
+    from clbench.config import parse_overrides
+
+    out: dict[str, dict[str, Any]] = {}
+    for dotted, value in parse_overrides(pairs).items():
+        label, _, key = dotted.partition(".")
+        if not label or not key:
+            raise ConfigError(f"bench --set expects LABEL.KEY=VALUE (e.g. lora.r=16), got '{dotted}=...'")
+        out.setdefault(label, {})[key] = value
+    return out
+
+
+def contender_config(label: str, method_name: str, cfg: BenchConfig) -> Any:
+    """The method config of contender ``label``: the method's YAML defaults, then ``--set label.KEY=VALUE``."""
     from clbench import registry
     from clbench.config import build
     from clbench.configs_dir import method_defaults
+
+    cls = registry.get_method(method_name)  # first: an unknown name is named as such
+    knobs = {**method_defaults(method_name), **cfg.overrides.get(label, {})}
+    return build(cls.config_class, knobs, where=f"method '{method_name}' config of contender '{label}'")
+
+
+def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.device, method_name: str | None = None
+                    ) -> _Entry:
+    """A fresh copy of the model wrapped by ``method_name`` (default: ``name``) with its YAML defaults and the knobs
+    ``cfg.overrides[name]``, after ``begin_task(0, task)``; ``name`` labels the contender's row."""
+    from clbench import registry
     from clbench.models import load_model
 
     torch.manual_seed(cfg.seed)
@@ -223,8 +271,9 @@ def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.devic
         if frozen is not None:
             method.store_frozen_linears(frozen)
         return _Entry(name, method.to(device), None)
-    cls = registry.get_method(name)
-    method_cfg = build(cls.config_class, method_defaults(name), where=f"method '{name}' config")
+    method_name = method_name or name
+    cls = registry.get_method(method_name)
+    method_cfg = contender_config(name, method_name, cfg)
     method = cls(loaded.model, loaded.tokenizer, method_cfg, num_tasks=cfg.num_tasks)
     method.begin_task(0, task)
     if frozen is not None:
@@ -301,19 +350,18 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
 def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    names = [BASE] + [m for m in dict.fromkeys(cfg.methods) if m != BASE]
-    from clbench import registry
+    contenders = [(BASE, BASE), *cfg.contenders()]
     from clbench.models import load_model
 
-    for name in names[1:]:  # an unknown name fails before any model is loaded
-        registry.get_method(name)
+    for label, method_name in contenders[1:]:  # an unknown name or knob fails before any model is loaded
+        contender_config(label, method_name, cfg)
     batches, infer, task, source = make_batches(load_model(cfg.model).tokenizer, cfg)
     batches = [_to(b, device) for b in batches]
     infer = _to(infer, device)
     entries: list[_Entry] = []
-    for name in names:
-        log(f"building {name}")
-        entries.append(build_contender(name, cfg, task, device))
+    for label, method_name in contenders:
+        log(f"building {label}")
+        entries.append(build_contender(label, cfg, task, device, method_name))
     autocast = _autocast(device, cfg.precision)
     trainers = [e for e in entries if e.optimizer is not None]
 
@@ -346,7 +394,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
             infer_step(entry, infer, autocast, cfg.new_tokens)
         entry.infer_mem = mem[0]
 
-    rows = [_row(e, cfg.batch_size) for e in entries]
+    rows = [{**_row(e, cfg.batch_size), "knobs": _knobs_text(cfg.overrides.get(e.name, {}))} for e in entries]
     _add_ratios(rows)
     from clbench.harness import git_commit, versions
 
@@ -360,6 +408,11 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
         "infer_batch_shape": list(infer["input_ids"].shape),
         "settings": asdict(cfg), "versions": versions(), "git_commit": git_commit(), "rows": rows,
     }
+
+
+def _knobs_text(knobs: dict[str, Any]) -> str:
+    """``key=value`` pairs of a contender's non-default knobs, as typed after ``--set LABEL.``."""
+    return " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in knobs.items())
 
 
 def _median(values: list[float]) -> float:
@@ -422,7 +475,8 @@ def print_results(results: dict[str, Any], console: Any = None) -> None:
     table = Table(title=f"clbench bench · {settings['model']} · {results['device']} · {settings['precision']} · "
                         f"batch {settings['batch_size']} · {settings['steps']} steps"
                         + (f" · frozen weights {settings['frozen_dtype']}" if settings.get("frozen_dtype") else ""),
-                  caption=f"memory: {results['memory_kind']}; data: {results['data']}")
+                  caption=f"memory: {results['memory_kind']}; data: {results['data']}" + "".join(
+                      f"\n{row['method']}: {row['knobs']}" for row in results["rows"] if row.get("knobs")))
     heads = [("method", "method", None), ("trainable", "trainable_params", ",d"),
              ("train ms/step", "train_step_ms", ".1f"), ("× lora", "train_vs_lora", ".2f"),
              ("infer ms/ex", "infer_ms_per_example", ".1f"), ("× lora", "infer_vs_lora", ".2f"),

@@ -209,8 +209,10 @@ def score(
 
 @app.command()
 def bench(
-    methods: Annotated[str, typer.Option(help="comma-separated method names; the base model is always measured")]
-    = "lora,moses",
+    methods: Annotated[str, typer.Option(help="comma-separated method names, or LABEL=METHOD for a second setting "
+                                              "of a method; the base model is always measured")] = "lora,moses",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="LABEL.KEY=VALUE: a knob of one contender "
+                                                   "(repeatable), e.g. lora15.layers=[15,16,17]")] = None,
     model: Annotated[str, typer.Option(help="'bundled', 'tiny', a local folder or a hub id")] = "bundled",
     steps: Annotated[int, typer.Option(help="measured train steps / generations per method (median)")] = 10,
     warmup: Annotated[int, typer.Option(help="unmeasured steps / generations first")] = 2,
@@ -230,11 +232,12 @@ def bench(
     """Speed and memory of methods vs lora and the base model, in one process on the same batches."""
     from rich.console import Console
 
-    from clbench.bench import BenchConfig, print_results, run_bench, write_results
+    from clbench.bench import BenchConfig, parse_contender_overrides, print_results, run_bench, write_results
 
     console = Console(stderr=True)
     try:
-        cfg = BenchConfig(methods=[m.strip() for m in methods.split(",") if m.strip()], model=model, steps=steps,
+        cfg = BenchConfig(methods=[m.strip() for m in methods.split(",") if m.strip()],
+                          overrides=parse_contender_overrides(set_ or []), model=model, steps=steps,
                           warmup=warmup, batch_size=batch_size, seq_len=seq_len, new_tokens=new_tokens,
                           precision=precision, data=data, device=device, num_tasks=num_tasks, threads=threads,
                           frozen_dtype=frozen_dtype, out=out, name=name)

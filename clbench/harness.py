@@ -40,7 +40,7 @@ from clbench import cl_metrics, registry
 from clbench.benchmark import Benchmark, Collator, Task, manifest_digest
 from clbench.config import ConfigError, build, load_yaml, to_dict
 from clbench.configs_dir import method_defaults
-from clbench.method import CLMethod
+from clbench.method import CLMethod, config_identity
 from clbench.models import load_model
 from clbench.results import RunStore
 from clbench.sampling import GlobalBatchSampler, ShardSampler
@@ -251,7 +251,7 @@ class Harness:
         run["max_answer_len"] = self.cfg.max_answer_len or self.benchmark.max_answer_len
         identity = {
             "run": run,
-            "method": to_dict(self.method_cfg),
+            "method": config_identity(self.method_cfg),
             "tasks": [dataclasses.asdict(t.spec) for t in self.tasks],
             "data_manifest_digest": manifest_digest(self.manifest),
         }
@@ -454,7 +454,7 @@ class Harness:
             "train_wall_time_s": float(sum(rec["train_seconds"] for rec in trained)),
             "wall_time_s": float(sum(rec.get("train_seconds", 0.0) + rec["eval_seconds"] for rec in rows.values())),
             "data_manifest_digest": self.resolved["identity"]["data_manifest_digest"],
-            "method_config": to_dict(self.method_cfg),
+            "method_config": config_identity(self.method_cfg),
             "versions": versions(), "git_commit": git_commit(), "command": self.command,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
         }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -45,8 +45,7 @@ class TaskAdapters(CLMethod):
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: LoRAMethodConfig, num_tasks: int):
         super().__init__(model, tokenizer, cfg, num_tasks)
-        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+        lora = cfg.peft_config()
         self.model = get_peft_model(model, lora, adapter_name=self.adapter_name(0))
         for t in range(1, num_tasks):
             self.model.add_adapter(self.adapter_name(t), lora)

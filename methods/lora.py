@@ -7,6 +7,7 @@ start. The same (A, B) is trained on task after task, so nothing protects earlie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from peft import LoraConfig, get_peft_model
 
@@ -22,6 +23,15 @@ class LoRAMethodConfig(MethodConfig):
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: list[int] | None = None  # decoder layers to adapt (peft's layers_to_transform); None = all
+    # added after the published runs (which all adapt every layer); unset, it keeps their folders' identity
+    identity_if_set: ClassVar[tuple[str, ...]] = ("layers",)
+
+    def peft_config(self) -> LoraConfig:
+        """The peft ``LoraConfig`` these knobs describe (one place, so every LoRA-based method reads them alike)."""
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM",
+                          layers_to_transform=list(self.layers) if self.layers is not None else None)
 
 
 @register_method("lora")
@@ -32,9 +42,7 @@ class LoRA(CLMethod):
 
     def __init__(self, model, tokenizer, cfg: LoRAMethodConfig, num_tasks: int):
         super().__init__(model, tokenizer, cfg, num_tasks)
-        peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-        self.model = get_peft_model(model, peft_cfg)
+        self.model = get_peft_model(model, cfg.peft_config())
 
     def begin_task(self, t, task) -> None:
         """Only the adapter trains (set from scratch, as the contract asks)."""

@@ -48,3 +48,42 @@ def test_bench_names_an_unknown_method_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--methods", "lora,mosse", "--model", "tiny", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "unknown method 'mosse'" in result.output and "moses" in result.output
+
+
+def test_bench_measures_a_second_setting_of_a_method_side_by_side(tmp_path):
+    """If this fails, `lora15=lora --set lora15.layers=[...]` does not reach the method (so a "same layers" speed
+    comparison silently measures the default setting twice) or its row does not say which knobs it ran with."""
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--methods", "lora,upper=lora", "--set", "upper.layers=[2,3]",
+                                      "--model", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                                      "--seq-len", "16", "--new-tokens", "2", "--data", "random",
+                                      "--precision", "32-true", "--threads", "1", "--out", str(tmp_path),
+                                      "--name", "variant"])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tmp_path / "variant.csv").set_index("method")
+    assert list(rows.index) == ["base", "lora", "upper"]
+    # the tiny model has 4 layers: adapting 2 of them halves LoRA's trainable parameters
+    assert rows.loc["upper", "trainable_params"] * 2 == rows.loc["lora", "trainable_params"]
+    assert rows.loc["upper", "knobs"] == "layers=[2,3]" and pd.isna(rows.loc["lora", "knobs"])
+    assert json.loads((tmp_path / "variant.json").read_text())["settings"]["overrides"] == {"upper": {"layers": [2, 3]}}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--methods", "lora", "--set", "lroa.r=4"], "--set lroa.KEY=VALUE names no contender (contenders: lora)"),
+    (["--methods", "lora", "--set", "lora.rank=4"], "unknown key 'rank'"),
+    (["--methods", "lora", "--set", "r=4"], "bench --set expects LABEL.KEY=VALUE"),
+])
+def test_bench_refuses_a_bad_contender_knob_in_one_line_before_loading_models(tmp_path, args, message):
+    """If this fails, a typo in a contender's --set is ignored (the bench measures something else than asked) or is
+    reported only after minutes of model loading, or as a traceback."""
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    result = CliRunner().invoke(app, ["bench", *args, "--model", "tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())

@@ -144,3 +144,28 @@ def test_frozen_dtype_needs_the_matching_precision(tmp_path, trace_dir):
         Harness(tiny_run(tmp_path, trace_dir, frozen_dtype="bf16", precision="32-true"))
     with pytest.raises(ConfigError, match="not one of"):
         Harness(tiny_run(tmp_path, trace_dir, frozen_dtype="int8", precision="32-true"))
+
+
+@pytest.mark.parametrize("name", ["lora", "replay", "ewc", "mtl", "per-task-lora", "olora"])
+def test_lora_layers_knob_adapts_only_those_layers_and_leaves_old_run_identities_alone(name):
+    """If this fails, `--set layers=[...]` is ignored by a LoRA-based method (adapters land in every layer), or the
+    new knob changes the identity of runs made before it existed, so their folders are no longer resumed or skipped
+    and their seeds stop averaging with new ones."""
+    import re
+
+    from clbench.config import build
+    from clbench.configs_dir import method_defaults
+    from clbench.method import config_identity
+    from clbench.models import tiny_model
+    from clbench.registry import get_method
+
+    cls = get_method(name)
+    default = build(cls.config_class, method_defaults(name))
+    assert "layers" not in config_identity(default)
+    upper = build(cls.config_class, {**method_defaults(name), "layers": [2, 3]})
+    assert config_identity(upper)["layers"] == [2, 3]
+    loaded = tiny_model()
+    method = cls(loaded.model, loaded.tokenizer, upper, num_tasks=2)
+    adapted = {int(m.group(1)) for n, _ in method.named_parameters()
+               if "lora_A" in n and (m := re.search(r"layers\.(\d+)\.", n))}
+    assert adapted == {2, 3}
