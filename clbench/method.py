@@ -142,11 +142,13 @@ class CLMethod(L.LightningModule):
     def store_frozen_linears(self, dtype: torch.dtype) -> int:
         """Keep every frozen ``nn.Linear`` weight (and bias) in ``dtype``; return how many values were cast.
 
-        Under autocast to ``dtype``, ``F.linear`` casts an fp32 weight to ``dtype`` at every call, so a weight stored
-        in ``dtype`` gives bit-identical outputs while halving its memory and skipping the per-call cast (one cast
-        per layer per decoding step in generation). Trainable weights keep fp32 for the optimiser, and a head tied
-        to the input embeddings stays as it is, because the embedding lookup is not autocast. Safe to call again
-        after ``begin_task`` froze more weights.
+        Under autocast to ``dtype``, ``F.linear`` casts an fp32 weight to ``dtype`` at every call (autocast caches the
+        cast only for weights that require grad), so a weight stored in ``dtype`` gives bit-identical outputs while
+        halving its memory and skipping the per-call cast: one cast per layer per decoding step in generation. Trainable
+        weights keep fp32 for the optimiser. An output head tied to the input embeddings gets its own frozen copy in
+        ``dtype`` (the embedding lookup is not autocast, so the table stays fp32): on small models the tied head is
+        the largest matrix of all (a fifth of SmolLM2-135M), and casting it at every decoding step is what made frozen
+        weights generate slower than trained ones. Safe to call again after ``begin_task`` froze more weights.
         """
         embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
@@ -154,11 +156,17 @@ class CLMethod(L.LightningModule):
         for module in self.modules():
             if not isinstance(module, nn.Linear):
                 continue
-            for p in (module.weight, module.bias):
-                if (p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype
-                        and id(p) not in tied):
+            for attr in ("weight", "bias"):
+                p = getattr(module, attr)
+                if p is None or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
+                    continue
+                if id(p) in tied:
+                    head = nn.Parameter(p.data.to(dtype), requires_grad=False)
+                    setattr(module, attr, head)
+                    self._base_ids.add(id(head))  # a base weight: never checkpointed
+                else:
                     p.data = p.data.to(dtype)  # same Parameter object: checkpoint identity tracking still holds
-                    cast += p.numel()
+                cast += p.numel()
         return cast
 
     # ---- inference --------------------------------------------------------------------------------------------

@@ -131,8 +131,11 @@ def test_frozen_weights_in_bf16_give_the_same_predictions(tmp_path, trace_dir, m
     m.begin_task(0, harness.tasks[0])
     assert m.store_frozen_linears(FROZEN_DTYPES["bf16"][0]) > 0
     linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
-    assert all(mod.weight.dtype == (torch.float32 if mod.weight.requires_grad else torch.bfloat16)
-               for mod in linears if mod.weight is not m.model.get_input_embeddings().weight)
+    # every frozen linear, the output head tied to the embeddings included (its own bf16 copy); the table stays fp32
+    assert all(mod.weight.dtype == (torch.float32 if mod.weight.requires_grad else torch.bfloat16) for mod in linears)
+    assert m.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert m.model.get_input_embeddings().weight.dtype == torch.float32
+    assert not [name for name in m.checkpoint_state() if "lm_head" in name or "embed_tokens" in name]
 
 
 def test_frozen_dtype_needs_the_matching_precision(tmp_path, trace_dir):
