@@ -150,3 +150,18 @@ def test_all_eight_trace_tasks_run_end_to_end_on_the_tiny_model(tmp_path, trace_
     assert R.shape == (9, 8) and R.notna().all().all()
     assert list(R.columns) == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds",
                                "20Minuten"]
+
+
+def test_every_method_yaml_lists_exactly_its_knobs():
+    """If this fails, a method's configs/methods/<name>.yaml misses a knob (users cannot see its default) or names
+    one the method does not have (every run of that method would stop with 'unknown key')."""
+    import dataclasses
+
+    from clbench import registry
+    from clbench.configs_dir import method_defaults
+
+    bundled = {name: cls for name, cls in registry.methods().items() if cls.__module__.startswith("clbench.methods.")}
+    assert len(bundled) >= 10
+    for name, cls in bundled.items():
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        assert set(method_defaults(name)) == fields, name

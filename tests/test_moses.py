@@ -3,6 +3,7 @@ sublinear growth, sparse per-example inference, key matching, and full harness r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import warnings
@@ -370,7 +371,7 @@ def test_every_knob_is_settable_and_typos_are_named():
 
     cls = get_method("moses")
     defaults = method_defaults("moses")
-    assert set(defaults) == {f for f in cls.config_class.__dataclass_fields__}
+    assert set(defaults) == {f.name for f in dataclasses.fields(cls.config_class)}
     cfg = build(cls.config_class, {**defaults, **parse_overrides(["top_k=6", "budget=3", "layers=[1,2]",
                                                                   "target_modules=[q_proj]", "pull_weight=0.1"])})
     assert (cfg.top_k, cfg.budget, cfg.layers, cfg.target_modules, cfg.pull_weight) == (6, 3, [1, 2], ["q_proj"], 0.1)
