@@ -1,7 +1,8 @@
 """``clbench bench``: speed and memory of methods measured in one process on the same batches.
 
-What is measured, for the base model (inference only) and each method (built through the registry with its YAML
-defaults, ``begin_task(0, ...)`` called so it has its first task's trainable parameters):
+What is measured, for the base model (inference only) and each contender (a method built through the registry with
+its YAML defaults, plus ``--set LABEL.KEY=VALUE`` knobs for a ``LABEL=METHOD`` contender, so two settings of one
+method can be compared side by side; ``begin_task(0, ...)`` called so it has its first task's trainable parameters):
 
 - train step: forward + backward + gradient clipping + AdamW step on a fixed batch, under the same precision as runs
   (bf16 autocast by default), median over ``steps`` steps after ``warmup`` steps;
