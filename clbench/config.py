@@ -124,3 +124,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as a plain dict (for config.yaml and hashing)."""
     return dataclasses.asdict(obj)
+
+
+def config_identity(obj: Any) -> dict[str, Any]:
+    """``to_dict(obj)`` less the fields named in its ``identity_if_set`` class attribute that are unset (None).
+
+    Those are options added after run folders were published: left out while unset, a rerun of an earlier command
+    still finds (and resumes or skips) its folder, and its seeds average with the earlier ones.
+    """
+    values = to_dict(obj)
+    for key in getattr(obj, "identity_if_set", ()):
+        if values.get(key) is None:
+            values.pop(key, None)
+    return values

@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader
 
 from clbench import cl_metrics, registry
 from clbench.benchmark import Benchmark, Collator, Task, manifest_digest
-from clbench.config import ConfigError, build, load_yaml, to_dict
+from clbench.config import ConfigError, build, config_identity, load_yaml
 from clbench.configs_dir import method_defaults
-from clbench.method import CLMethod, config_identity
+from clbench.method import CLMethod
 from clbench.models import load_model
 from clbench.results import RunStore
 from clbench.sampling import GlobalBatchSampler, ShardSampler
@@ -97,6 +97,9 @@ class RunConfig:
     # "bf16"/"fp16": store frozen Linear weights in the autocast dtype (bit-identical outputs under bf16-mixed /
     # 16-mixed, half their memory, no per-step weight cast); None keeps fp32 master weights everywhere
     frozen_dtype: str | None = None
+
+    # options added after run folders were published: left out of a run's identity while unset
+    identity_if_set: ClassVar[tuple[str, ...]] = ("frozen_dtype",)
 
 
 FROZEN_DTYPES = {"bf16": (torch.bfloat16, "bf16-mixed"), "fp16": (torch.float16, "16-mixed")}
@@ -244,9 +247,7 @@ class Harness:
 
     # ---- config ----------------------------------------------------------------------------------------------
     def _resolve(self) -> dict[str, Any]:
-        run = {k: v for k, v in to_dict(self.cfg).items() if k not in _NOT_IDENTITY}
-        if run.get("frozen_dtype") is None:  # unset: identical to runs made before the option existed
-            run.pop("frozen_dtype", None)
+        run = {k: v for k, v in config_identity(self.cfg).items() if k not in _NOT_IDENTITY}
         run["max_prompt_len"] = self.cfg.max_prompt_len or self.benchmark.max_prompt_len
         run["max_answer_len"] = self.cfg.max_answer_len or self.benchmark.max_answer_len
         identity = {

@@ -35,20 +35,8 @@ class MethodConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
 
-    # Knobs added after run folders were published: while unset (None) they are left out of a run's identity, so a
-    # rerun of an earlier command still finds (and resumes or skips) its folder and its seeds average together.
+    # knobs added after run folders were published (see clbench.config.config_identity)
     identity_if_set: ClassVar[tuple[str, ...]] = ()
-
-
-def config_identity(cfg: Any) -> dict[str, Any]:
-    """The knobs that define a run: every field of the method config, less its unset ``identity_if_set`` ones."""
-    from clbench.config import to_dict
-
-    knobs = to_dict(cfg)
-    for key in getattr(cfg, "identity_if_set", ()):
-        if knobs.get(key) is None:
-            knobs.pop(key, None)
-    return knobs
 
 
 class CLMethod(L.LightningModule):

@@ -156,9 +156,8 @@ def test_lora_layers_knob_adapts_only_those_layers_and_leaves_old_run_identities
     and their seeds stop averaging with new ones."""
     import re
 
-    from clbench.config import build
+    from clbench.config import build, config_identity
     from clbench.configs_dir import method_defaults
-    from clbench.method import config_identity
     from clbench.models import tiny_model
     from clbench.registry import get_method
 
