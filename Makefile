@@ -34,7 +34,7 @@ strategy-table: $(STAMP)
 	CLBENCH_STRATEGY_TABLE=docs/strategies.md $(BIN)/python -m pytest -q tests/test_strategy_matrix.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check clbench methods benchmarks tests scripts
+	$(BIN)/ruff check src tests scripts
 
 clean-venv:
 	rm -rf $(VENV)

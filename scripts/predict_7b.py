@@ -24,8 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.trace import TRACE_ORDERS, TRACE_TASKS  # noqa: E402  (the epochs TRACE trains each task for)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from clbench.benchmarks.trace import TRACE_ORDERS, TRACE_TASKS  # noqa: E402  (the epochs TRACE trains each task for)
 
 # LLaMA-2-7B (Touvron et al., 2023): parameters, layers, hidden size
 PARAMS, LAYERS, HIDDEN = 6.74e9, 32, 4096

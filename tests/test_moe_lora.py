@@ -33,7 +33,7 @@ def _batch(n: int = 3, tokens: int = 9, seed: int = 0) -> dict[str, torch.Tensor
 def test_gate_weights_are_a_distribution_per_token_with_k_nonzeros(top_k):
     """If this fails, the mixture rescales the adapter update (weights not summing to 1) or top-k keeps the wrong
     number of experts per token."""
-    from methods.moe_lora import SoftmaxRouter
+    from clbench.methods.moe_lora import SoftmaxRouter
 
     torch.manual_seed(0)
     router = SoftmaxRouter(16, 4, top_k)
@@ -51,8 +51,8 @@ def test_gate_weights_are_a_distribution_per_token_with_k_nonzeros(top_k):
 
 def test_top_k_gives_no_gradient_to_experts_no_token_selected():
     """If this fails, top-k routing is not sparse: experts that no token picked still learn from the batch."""
-    from methods._experts import ExpertLinear
-    from methods.moe_lora import SoftmaxRouter
+    from clbench.methods._experts import ExpertLinear
+    from clbench.methods.moe_lora import SoftmaxRouter
 
     torch.manual_seed(0)
     layer = ExpertLinear(nn.Linear(16, 8), num_experts=4, rank=2, alpha=4.0, router=SoftmaxRouter(16, 4, top_k=2))
@@ -80,7 +80,7 @@ def test_top_k_gives_no_gradient_to_experts_no_token_selected():
 
 def test_balance_loss_is_zero_for_uniform_routing_and_positive_otherwise():
     """If this fails, the balance term pushes a perfectly balanced router away from balance, or ignores imbalance."""
-    from methods.moe_lora import balance_loss
+    from clbench.methods.moe_lora import balance_loss
 
     mask = torch.ones(2, 6)
     mask[0, :2] = 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1] / "benchmarks" / "trace_mini"
+ROOT = Path(__file__).resolve().parents[1] / "src" / "clbench" / "benchmarks" / "trace_mini"
 DATA = ROOT / "data"
 SPLITS = ("train", "eval", "test")
 SIZES = {"train": 400, "eval": 16, "test": 24}

@@ -29,10 +29,27 @@ _loaded = False
 
 
 class RegistryError(KeyError):
-    """Unknown method or benchmark name."""
+    """Unknown method or benchmark name, or one name registered by two sources."""
 
     def __str__(self) -> str:  # KeyError quotes its message; a user wants the sentence
         return str(self.args[0])
+
+
+def _source(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _add(kind: str, table: dict[str, Any], name: str, obj: Any) -> None:
+    """Register ``obj`` as ``name``; a second, different source for the same name is an error naming both.
+
+    The same object (same module and qualified name, e.g. a module imported again by ``importlib.reload``) is
+    accepted, as lm-evaluation-harness's registry accepts re-registration of the same class.
+    """
+    old = table.get(name)
+    if old is not None and _source(old) != _source(obj):
+        raise RegistryError(f"{kind} '{name}' is registered twice: by {_source(old)} and by {_source(obj)}; "
+                            f"rename one of them")
+    table[name] = obj
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -40,7 +57,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
     def deco(cls: type) -> type:
         cls.name = name
-        _METHODS[name] = cls
+        _add("method", _METHODS, name, cls)
         return cls
 
     return deco
@@ -54,7 +71,7 @@ def register_benchmark(name: str, metrics: dict[str, str]) -> Callable[[Callable
 
     def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
         factory.metrics = dict(metrics)
-        _BENCHMARKS[name] = factory
+        _add("benchmark", _BENCHMARKS, name, factory)
         return factory
 
     return deco
@@ -68,13 +85,12 @@ def _scan(package: str) -> None:
 
 
 def _load_entry_points(group: str, table: dict[str, Any], decorate: bool) -> None:
+    kind = "method" if group == METHOD_GROUP else "benchmark"
     for ep in entry_points(group=group):
-        if ep.name in table:
-            continue
         obj = ep.load()
+        _add(kind, table, ep.name, obj)  # a plugin may not silently shadow (or be shadowed by) another source
         if decorate:
             obj.name = ep.name
-        table[ep.name] = obj
         _FROM_ENTRY_POINTS.add((group, ep.name))
 
 

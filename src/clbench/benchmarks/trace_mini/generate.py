@@ -3,7 +3,7 @@
 Writes ``<out>/<Task>/{train,eval,test}.json``, each a JSON list of ``{"prompt": str, "answer": str}``. Standard library
 only; the same seed (and, for Py150, the same standard-library source) gives byte-identical files::
 
-    python benchmarks/trace_mini/generate.py [--train 400] [--eval 16] [--test 24] [--seed 0] [--out DIR]
+    python src/clbench/benchmarks/trace_mini/generate.py [--train 400] [--eval 16] [--test 24] [--seed 0] [--out DIR]
 
 Each task draws from its own ``random.Random(f"{seed}:{task}")``, and the test split is drawn first, then eval, then
 train, so changing ``--train`` leaves eval and test unchanged. No prompt appears in two splits, and the classification
@@ -310,7 +310,7 @@ SCIENCEQA_PROMPT = ("Choose an answer for the following question.\n{context}Ques
 # Options are shuffled and written "option (letter)", with the letter after the option: SmolLM2-135M then learns in 50
 # LoRA steps to find the option the context names and copy the letter that follows it. With TRACE's "(A) option"
 # order it stayed at chance (0.29-0.42 after 50-150 steps, with or without the context): it could not bind an option
-# to the letter before it at this budget (measured; benchmarks/trace_mini/README.md).
+# to the letter before it at this budget (measured; src/clbench/benchmarks/trace_mini/README.md).
 # (question phrasings with {x}, how the context names the item, the options, the items whose right answer is each)
 SCIENCEQA_FAMILIES: tuple[tuple[tuple[str, ...], str, tuple[str, ...], tuple[tuple[str, ...], ...]], ...] = (
     (("Which group does the {x} belong to?", "What kind of animal is the {x}?", "Select the group of the {x}."),
