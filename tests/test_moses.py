@@ -17,6 +17,7 @@ from conftest import tiny_run
 from torch.utils.data import DataLoader
 
 from clbench.benchmark import Collator, Task, TaskSpec
+from clbench.methods.moses import LayerRoute
 
 STEPS = 6
 
@@ -88,6 +89,18 @@ def _logits(method, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return method(batch).logits
 
 
+@torch.no_grad()
+def _route(method, batch: dict[str, torch.Tensor]):
+    """Eval-mode logits of ``batch`` and the call's routing decision (tables and expert choices per layer)."""
+    method.eval()
+
+    def run(ids, mask, labels):
+        return method.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    logits, routed, length = method._routed(batch, method._oracle_ids(batch), None, run)
+    return logits[:, length:], routed
+
+
 @pytest.fixture(scope="module", params=[0, 3], ids=["no-prompt", "prompt3"])
 def trained(request):
     """Three tasks trained in sequence (without and with L2P-style task prompts of 3 vectors); the oracle-id logits
@@ -121,7 +134,7 @@ def test_earlier_experts_get_no_gradient_and_stay_fixed():
     method = _moses(num_tasks=2)
     _fit(method, 0, TASKS[0])
     layers = list(method._mose_layers.values())
-    owned = [layer.router.masks[0].clone() for layer in layers]
+    owned = [layer.masks[0].clone() for layer in layers]
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     method.begin_task(1, TASKS[1])
     method.train()
@@ -129,7 +142,8 @@ def test_earlier_experts_get_no_gradient_and_stay_fixed():
     out = method(batch)
     (out.loss + sum(method.regularizer(batch, out).values())).backward()
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
-    expected = {n for n in before if n.endswith(("A_new", "B_new", "router.weight.1", "router.scores.1"))} | {"keys.1"}
+    expected = {n for n in before if n.endswith(("A_new", "B_new", "router_weight.1", "scores.1"))}
+    expected |= {"keys.1", "prompts.1"}
     assert trainable == expected
     for name, p in method.named_parameters():
         if name in expected:  # (A_new's gradient is 0 at the first step only because B_new starts at 0, as in LoRA)
@@ -137,14 +151,14 @@ def test_earlier_experts_get_no_gradient_and_stay_fixed():
         else:  # pool experts, task 0's router / scores / key, the base model: not even a zero gradient
             assert p.grad is None, name
     for layer in layers:  # task 0's experts are candidates of task 1 (in the forward graph), yet got no gradient
-        assert bool(torch.isin(layer.router.masks[0], layer.candidates()[0]).all())
+        assert bool(torch.isin(layer.masks[0], layer.candidates()[0]).all())
     method.zero_grad()
     _fit(method, 1, TASKS[1])
     params = dict(method.named_parameters())
     for (name, layer), rows in zip(method._mose_layers.items(), owned, strict=True):
         assert torch.equal(layer.A[rows], before[f"model.{name}.A"][rows])
         assert torch.equal(layer.B[rows], before[f"model.{name}.B"][rows])
-        assert torch.equal(params[f"model.{name}.router.weight.0"], before[f"model.{name}.router.weight.0"])
+        assert torch.equal(params[f"model.{name}.router_weight.0"], before[f"model.{name}.router_weight.0"])
     assert torch.equal(method.keys[0], before["keys.0"])
 
 
@@ -154,9 +168,9 @@ def test_later_tasks_reuse_experts_and_parameters_grow_sublinearly(trained):
     method = trained["method"]
     cfg = method.cfg
     for layer in method._mose_layers.values():
-        assert (layer.owner[layer.router.masks[0]] == 0).all()  # task 0 owns all of its k experts
+        assert (layer.owner[layer.masks[0]] == 0).all()  # task 0 owns all of its k experts
         for t in (1, 2):
-            mask = layer.router.masks[t]
+            mask = layer.masks[t]
             new = int((layer.owner[mask] == t).sum())
             assert new <= cfg.budget < cfg.top_k and (layer.owner[mask] < t).sum() >= cfg.top_k - cfg.budget
         assert int((layer.owner >= 0).sum()) <= cfg.top_k + 2 * cfg.budget < layer.num_experts
@@ -177,38 +191,39 @@ def test_inference_touches_only_the_selected_experts(trained):
     with the pool size N instead of staying at k experts, and unselected experts could leak into the output."""
     method = trained["method"]
     batch = _eval_batch(method, TASKS[1], with_id=1)
-    reference = _logits(method, batch)
+    reference, routed = _route(method, batch)
     layer = next(iter(method._mose_layers.values()))
-    # the fused table of one example holds k·r_s down-projection rows and k router rows, whatever N is
-    down = layer._table[1]
-    assert down.shape[-1] == method.cfg.top_k * method.cfg.rank + method.cfg.top_k
-    # and it agrees with the generic ExpertLinear.delta over the Router contract's k indices
+    # the fused table of one example holds k_x·r_s down-projection rows and k_x router rows, whatever N and k are
+    down = routed.route.tables[id(layer)][0]
+    assert down.shape[-1] == method.cfg.experts_per_input * method.cfg.rank + method.cfg.experts_per_input
+    # and it agrees with the generic ExpertLinear.delta over the k_x pool rows each example chose
     x = torch.randn(batch["input_ids"].shape[0], 5, layer.in_features)
-    method.ctx.task_ids, method.ctx.active = torch.full((x.shape[0],), 1), True
-    method.ctx.version += 1
-    try:
-        indices, weights = layer.router(x)
-        assert indices.shape == (x.shape[0], method.cfg.top_k)
-        torch.testing.assert_close(layer._infer_delta(x), layer.delta(x, indices, weights))
-    finally:
-        method.ctx.reset()
-    saved = {n: (lay.A.clone(), lay.B.clone(), lay.router.weight[1].detach().clone())
+    route = LayerRoute(token_mask=torch.ones(x.shape[:2], dtype=torch.bool), task_ids=torch.full((x.shape[0],), 1))
+    fused = layer.infer_delta(x, route)
+    indices = route.choices[id(layer)]
+    assert indices.shape == (x.shape[0], method.cfg.experts_per_input)
+    weights = (torch.einsum("btd,bkd->btk", x, layer.router_weight[1][indices]) / layer.temperature).softmax(-1)
+    torch.testing.assert_close(fused, layer.delta(x, indices, weights))
+    chosen = {id(lay): torch.zeros(lay.num_experts, dtype=torch.bool) for lay in method._mose_layers.values()}
+    for lay in method._mose_layers.values():
+        chosen[id(lay)][routed.route.choices[id(lay)].flatten()] = True
+    saved = {n: (lay.A.clone(), lay.B.clone(), lay.router_weight[1].detach().clone())
              for n, lay in method._mose_layers.items()}
     try:
         with torch.no_grad():  # poison everything task 1 does not select
             for lay in method._mose_layers.values():
                 unused = torch.ones(lay.num_experts, dtype=torch.bool)
-                unused[lay.router.masks[1]] = False
-                lay.A[unused] = float("nan")
-                lay.B[unused] = float("nan")
-                lay.router.weight[1][unused] = float("nan")
+                unused[lay.masks[1]] = False
+                lay.router_weight[1][unused] = float("nan")  # the router scores only the task's mask
+                lay.A[~chosen[id(lay)]] = float("nan")  # and only the experts an example chose are computed
+                lay.B[~chosen[id(lay)]] = float("nan")
         assert torch.equal(_logits(method, batch), reference)
     finally:
         with torch.no_grad():
             for n, lay in method._mose_layers.items():
                 lay.A.copy_(saved[n][0])
                 lay.B.copy_(saved[n][1])
-                lay.router.weight[1].copy_(saved[n][2])
+                lay.router_weight[1].copy_(saved[n][2])
 
 
 def test_bf16_autocast_inference_matches_fp32(trained):
@@ -218,8 +233,8 @@ def test_bf16_autocast_inference_matches_fp32(trained):
     batch = _eval_batch(method, TASKS[2], with_id=2)
     reference = _logits(method, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = _logits(method, batch)
-        assert next(iter(method._mose_layers.values()))._table[1].dtype == torch.bfloat16
+        low, routed = _route(method, batch)
+        assert routed.route.tables[id(next(iter(method._mose_layers.values())))][0].dtype == torch.bfloat16
     assert torch.isfinite(low).all()
     assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
@@ -237,16 +252,19 @@ def test_mixed_batch_routes_each_example_like_one_by_one(trained):
     for oracle in (True, False):
         recs = records if oracle else [{k: v for k, v in r.items() if k != "task_id"} for r in records]
         batch = collate(recs)
-        together = method.generate(batch, 6)
-        chosen = method._last_choice.clone()
+        together, routed = method.generate_routed(batch, 6)
+        chosen = routed.key_choice
         logits = _logits(method, batch)
         for i, rec in enumerate(recs):
             single = collate([rec])
-            assert torch.equal(method.generate(single, 6)[0], together[i])
-            assert int(method._last_choice[0]) == int(chosen[i])
+            alone, routed_alone = method.generate_routed(single, 6)
+            n = alone.shape[1]  # a row that hit EOS alone stops there; in the batch it is padded after EOS
+            assert torch.equal(alone[0], together[i, :n])
+            assert (together[i, n:] == method.tokenizer.pad_token_id).all()
+            assert int(routed_alone.key_choice[0]) == int(chosen[i])
             torch.testing.assert_close(_logits(method, single)[0], logits[i], rtol=1e-5, atol=1e-5)
     # under the oracle, the three rows really went through three different masks
-    rows = [method._mose_layers[next(iter(method._mose_layers))].router.masks[t] for t in ids]
+    rows = [method._mose_layers[next(iter(method._mose_layers))].masks[t] for t in ids]
     assert len({tuple(r.tolist()) for r in rows}) == 3
 
 
@@ -275,8 +293,8 @@ def test_pull_constraint_decreases_and_keys_pick_the_trained_task():
     for t, task in enumerate(tasks):  # the training prompts, as test-time (left-padded) batches
         records = [{"prompt": r["prompt"], "index": i} for i, r in enumerate(task.train)]
         with torch.no_grad():
-            method(Collator(method.tokenizer, 64, train=False)(records))
-        assert (method._last_choice == t).all(), task.name
+            out = method(Collator(method.tokenizer, 64, train=False)(records))
+        assert (out["key_choice"] == t).all(), task.name
 
 
 @pytest.mark.parametrize("prompt_length", [0, 3])
@@ -290,8 +308,8 @@ def test_default_key_init_identifies_tasks(prompt_length):
         _fit(method, t, task, steps=4)
     method.eval()
     for t, task in enumerate(TASKS):
-        method.generate(_eval_batch(method, task), 1)
-        assert (method._last_choice == t).all(), task.name
+        _, routed = method.generate_routed(_eval_batch(method, task), 1)
+        assert (routed.key_choice == t).all(), task.name
         assert method.evaluation_report(t, task) == {}  # no predict epoch ran: nothing recorded
 
 
@@ -387,4 +405,101 @@ def test_every_knob_is_settable_and_typos_are_named():
     method.begin_task(0, TASKS[0])
     method.train()
     batch = next(iter(_train_batches(method, TASKS[0])))
-    assert torch.isfinite(method(batch).loss) and method._last_query.shape == (4, 64)
+    out = method(batch)
+    assert torch.isfinite(out.loss) and out["query"].shape == (4, 64)
+
+
+def _one_task_layer(experts_per_input: int = 2):
+    """A MoSE layer (d = 8) with task 0 reserved: its 4 fresh slots are its candidates and all of its mask."""
+    from clbench.methods.moses import MoSELinear
+
+    torch.manual_seed(0)
+    layer = MoSELinear(torch.nn.Linear(8, 8), num_experts=6, rank=2, alpha=4.0, top_k=4,
+                       experts_per_input=experts_per_input, num_tasks=1, temperature=1.0)
+    layer.reserve(0, budget=4)
+    v = torch.zeros(8)
+    v[0] = 1.0
+    with torch.no_grad():  # experts 0, 1 score +x[0], experts 2, 3 score -x[0]; B non-zero so every path matters
+        layer.router_weight[0][:4] = torch.stack([v, 0.9 * v, -v, -0.9 * v])
+        layer.B_new.normal_()
+    x = torch.zeros(2, 3, 8)
+    x[0, :, 0], x[1, :, 0] = 2.0, -2.0  # input 0 points along +v, input 1 along -v (same task)
+    x[:, :, 1:] = torch.randn(2, 3, 7)
+    return layer, x
+
+
+def test_per_input_router_picks_different_experts_for_different_inputs():
+    """If this fails, MoSEs routes per task, not per input: two inputs of the same task whose router scores differ
+    still activate the same experts (the paper: "the sparse router calculates a score for each expert and activates
+    only the most relevant ones"), or inference computes experts outside each input's top-k_x."""
+    layer, x = _one_task_layer()
+    with torch.no_grad():
+        layer.fix_mask(0)
+    route = LayerRoute(token_mask=torch.ones(2, 3, dtype=torch.bool), task_ids=torch.tensor([0, 0]))
+    layer.infer_delta(x, route)
+    rows = layer.masks[0]
+    choices = route.choices[id(layer)]
+    assert set(choices[0].tolist()) == {int(rows[0]), int(rows[1])}
+    assert set(choices[1].tolist()) == {int(rows[2]), int(rows[3])}
+    assert route.tables[id(layer)][0].shape == (2, 8, 2 * 2 + 2)  # k_x·r_s + k_x columns: the FLOP path
+    # the per-task ablation (experts_per_input = top_k): both inputs use the whole mask, as the first version did
+    layer_all, x = _one_task_layer(experts_per_input=4)
+    with torch.no_grad():
+        layer_all.fix_mask(0)
+    route = LayerRoute(token_mask=torch.ones(2, 3, dtype=torch.bool), task_ids=torch.tensor([0, 0]))
+    layer_all.infer_delta(x, route)
+    assert all(set(c.tolist()) == set(layer_all.masks[0].tolist()) for c in route.choices[id(layer_all)])
+
+
+def test_only_the_inputs_top_k_experts_get_gradient():
+    """If this fails, training is dense within the mask: an input's loss moves experts (or gates) it did not
+    activate, so per-input sparsity holds at test time only and experts do not specialise by input."""
+    layer, x = _one_task_layer()
+    for b, own in ((0, {0, 1}), (1, {2, 3})):
+        layer.zero_grad()
+        route = LayerRoute(token_mask=torch.ones(1, 3, dtype=torch.bool), task_ids=torch.tensor([0]), train_task=0)
+        layer.train_delta(x[b:b + 1], route).sum().backward()
+        for j in range(4):
+            got = bool(layer.A_new.grad[j].abs().sum() > 0) and bool(layer.B_new.grad[j].abs().sum() > 0)
+            assert got == (j in own), (b, j)
+            assert bool(layer.router_weight[0].grad[j].abs().sum() > 0) == (j in own), (b, j)
+
+
+def test_task_prompt_changes_the_output_but_not_the_query():
+    """If this fails, the query that picks the task depends on the task's own prompt (so it cannot be read in the
+    same forward, and keys trained with one prompt miss at test), or the prompt has no effect on the model."""
+    L.seed_everything(0, verbose=False)
+    method = _moses(num_tasks=1, prompt_length=3)
+    method.begin_task(0, TASKS[0])
+    method.eval()
+    batch = _eval_batch(method, TASKS[0], with_id=0)
+    with torch.no_grad():
+        before = method(batch)
+        method.prompts[0].normal_()
+        after = method(batch)
+    torch.testing.assert_close(after["query"], before["query"], rtol=0, atol=0)
+    assert not torch.allclose(after.logits, before.logits)
+    assert after.logits.shape[1] == batch["input_ids"].shape[1]  # the prompt slots are cut off
+
+
+def test_folder_modules_import_one_way():
+    """If this fails, the MoSEs folder has grown an import cycle or a hidden dependency: the layer must not know
+    who routes it (layer ← routing ← method), and the report reads layers without importing the method."""
+    import ast
+    from pathlib import Path
+
+    import clbench.methods.moses as pkg
+
+    folder = Path(pkg.__file__).parent
+    order = ["config", "layer", "routing", "report", "method"]
+    allowed = {"config": set(), "layer": set(), "routing": {"layer"}, "report": set(),
+               "method": {"config", "layer", "routing", "report"}}
+    assert {p.stem for p in folder.glob("*.py")} == {*order, "__init__"}
+    for name in order:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        local = {node.module for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        assert local <= allowed[name], (name, local)
+    from clbench.registry import get_method
+
+    assert get_method("moses") is pkg.MoSEs  # the package registers through the registry's scan

@@ -11,9 +11,11 @@ it is zero exactly when the subspaces they read from x are orthogonal. The paper
 O_{i,t} = A_iᵀ A_t (its notation has A as d × r); its official code and TRACE's copy of it sum absolute values, as we
 do (λ1 = 0.5, λ2 = 0 are TRACE's defaults). Inference is task-agnostic: all learned adapters stay summed.
 
-Known bug we avoid (TRACE's ``model/Regular/O_LoRA.py``): it looks for parameters named ``loranew_A``, which only the
-authors' patched peft creates; with stock peft the orthogonality term is identically zero and O-LoRA silently becomes
-plain LoRA. ``tests/test_olora.py`` checks that our term is non-zero for non-orthogonal A and trains only A_t.
+TRACE's ``model/Regular/O_LoRA.py`` reads parameters named ``loranew_A``, which stock peft never creates; TRACE's
+``training/main.py`` builds its O-LoRA models with its own peft copy (``utils.my_peft``), whose LoRA layer creates
+``loranew_A/B``, so in TRACE's pipeline the term is live (not zero). It differs from ours on task 1 only: TRACE's
+frozen first ``lora_A`` is random (its ``lora_B`` zero), and the penalty already applies against it.
+``tests/test_olora.py`` checks that our term is non-zero for non-orthogonal A and trains only A_t.
 """
 
 from __future__ import annotations

@@ -9,8 +9,12 @@ loader shuffles it). M_i is drawn once per task from (seed, i) and is the same a
 that stores a fraction ρ (default 10%) of each finished task, not a fresh draw per stage. Only training splits are
 ever read; eval and test records never enter the memory.
 
-Reference point: TRACE's replay baseline mixes stored earlier-task data into later tasks; the size of the memory
-varies across papers, so ρ is a knob.
+TRACE's replay (``training/replay.py`` @462e39f) schedules it differently, offered as ``schedule: trace``: task t
+trains on D_t alone, then one extra epoch runs over the FIRST ⌊ρ · |D_i|⌋ training records of every earlier task
+i < t (plus a general instruction set, LIMA, which we do not ship: it is left out). Our default, ``schedule: mixed``,
+mixes a random ρ-sample into task t's own batches, which is the rehearsal of Chaudhry et al. (2019) and most CL papers.
+The two differ in when earlier tasks are seen (interleaved vs a block after the task) and in which records (random vs
+the file's first ones), so their numbers differ; pick ``trace`` to compare with TRACE's tables.
 """
 
 from __future__ import annotations
@@ -33,10 +37,15 @@ class ReplayConfig(LoRAMethodConfig):
 
     replay_fraction: float = 0.1  # ρ: share of each earlier task's training split kept in the memory
     replay_seed: int | None = None  # seed of the memory draw; None = the run's seed
+    # "mixed": memories shuffled into task t's batches; "trace": TRACE's schedule, a separate 1-epoch pass over the
+    # first ⌊ρ·n⌋ records of each earlier task after task t (see the module docstring)
+    schedule: str = "mixed"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1], got {self.replay_fraction}")
+        if self.schedule not in ("mixed", "trace"):
+            raise ValueError(f"schedule must be 'mixed' or 'trace', got {self.schedule!r}")
 
 
 @register_method("replay")
@@ -62,9 +71,21 @@ class Replay(LoRA):
         picked = sorted(rng.sample(range(len(task.train)), self.memory_size(len(task.train))))
         return [task.train[k] for k in picked]
 
+    def trace_memory(self, task: Task) -> list[dict[str, Any]]:
+        """TRACE's memory of a task: its first ⌊ρ · n⌋ training records (``utils/data/data_utils.py``)."""
+        return task.train[: int(len(task.train) * self.cfg.replay_fraction)]
+
     def train_examples(self, t: int, tasks: list[Task]) -> list[dict[str, Any]]:
-        """Task t's training split followed by M_0, …, M_{t-1} (never an eval or test record)."""
+        """Task t's training split followed by M_0, …, M_{t-1} (never an eval or test record); TRACE's schedule
+        trains task t alone here and replays in :meth:`second_pass_examples`."""
         mixed = list(tasks[t].train)
-        for i in range(t):
-            mixed.extend(self.memory(i, tasks[i]))
+        if self.cfg.schedule == "mixed":
+            for i in range(t):
+                mixed.extend(self.memory(i, tasks[i]))
         return mixed
+
+    def second_pass_examples(self, t: int, tasks: list[Task]) -> list[dict[str, Any]]:
+        """``schedule: trace``: one epoch over the TRACE memories of tasks 0..t-1 after task t; else nothing."""
+        if self.cfg.schedule != "trace":
+            return []
+        return [record for i in range(t) for record in self.trace_memory(tasks[i])]

@@ -1,10 +1,16 @@
-"""The expert-usage figure MoSEs writes beside ``expert_usage.csv``: which task routes to which sub-experts."""
+"""MoSEs' run-folder artifacts: ``expert_usage.csv`` (+ its figure) and ``param_growth.csv``, from the layers' masks
+and owners. Reads only buffers of the layers it is given; imports nothing else of the package."""
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from .._experts import layer_index
 
 
 def plot_expert_usage(usage_csv: str | Path, png: str | Path) -> Path:
@@ -58,3 +64,47 @@ def plot_expert_usage(usage_csv: str | Path, png: str | Path) -> Path:
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return out
+
+
+def task_params(layers: dict[str, Any], t: int, key_numel: int, prompt_numel: int) -> dict[str, int]:
+    """What finished task t added: its new experts, k router rows + k mask indices per layer, its key and prompt."""
+    new = reused = added = 0
+    for layer in layers.values():
+        mask = layer.masks[t]
+        n_new = int((layer.owner[mask] == t).sum())
+        new += n_new
+        reused += layer.top_k - n_new
+        added += n_new * layer.expert_params(0) + layer.top_k * (layer.in_features + 1)
+    return {"new_experts": new, "reused_experts": reused, "added": added + key_numel + prompt_numel}
+
+
+def write_usage(run_dir: Path, layers: dict[str, Any], done: Sequence[int], names: dict[int, str]) -> None:
+    """``expert_usage.csv``: one row per (finished task, layer, expert of its mask): task_index, task, layer,
+    layer_index, module, expert, new_or_reused, owner_task; and its figure ``expert_usage.png``."""
+    with open(run_dir / "expert_usage.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["task_index", "task", "layer", "layer_index", "module", "expert", "new_or_reused",
+                         "owner_task"])
+        for t in done:
+            for name, layer in layers.items():
+                for e in layer.masks[t].tolist():
+                    owner = int(layer.owner[e])
+                    writer.writerow([t, names.get(t, str(t)), name, layer_index(name), name.rsplit(".", 1)[-1], e,
+                                     "new" if owner == t else "reused", owner])
+    if done:
+        plot_expert_usage(run_dir / "expert_usage.csv", run_dir / "expert_usage.png")
+
+
+def write_growth(run_dir: Path, parts: dict[int, dict[str, int]], names: dict[int, str]) -> None:
+    """``param_growth.csv``: per finished task, new and reused experts, parameters added, cumulative total and the
+    experts owned so far (``parts`` from :func:`task_params`, in task order)."""
+    with open(run_dir / "param_growth.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["task_index", "task", "new_experts", "reused_experts", "added_params",
+                         "cumulative_added_params", "experts_owned"])
+        total = owned = 0
+        for t, part in parts.items():
+            total += part["added"]
+            owned += part["new_experts"]
+            writer.writerow([t, names.get(t, str(t)), part["new_experts"], part["reused_experts"], part["added"],
+                             total, owned])
