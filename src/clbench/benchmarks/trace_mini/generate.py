@@ -3,11 +3,12 @@
 Writes ``<out>/<Task>/{train,eval,test}.json``, each a JSON list of ``{"prompt": str, "answer": str}``. Standard library
 only; the same seed (and, for Py150, the same standard-library source) gives byte-identical files::
 
-    python src/clbench/benchmarks/trace_mini/generate.py [--train 400] [--eval 16] [--test 24] [--seed 0] [--out DIR]
+    python src/clbench/benchmarks/trace_mini/generate.py [--train 400] [--eval 50] [--test 100] [--seed 0] [--out DIR]
 
 Each task draws from its own ``random.Random(f"{seed}:{task}")``, and the test split is drawn first, then eval, then
-train, so changing ``--train`` leaves eval and test unchanged. No prompt appears in two splits, and the classification
-tasks (C-STANCE, FOMC, ScienceQA) have their answer classes balanced to within one example in every split.
+train, so changing ``--train`` leaves eval and test unchanged. No prompt appears in two splits. Every task but Py150
+and NumGLUE-cm draws each split balanced over answer kinds, to within one example: the letters of C-STANCE, FOMC and
+ScienceQA, approved/rejected in MeetingBank, the asked quantity in NumGLUE-ds, reason kept/dropped in 20Minuten.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 
 TASKS = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten")
 SPLITS = ("test", "eval", "train")  # drawing order: test first, so its content never depends on the train size
-DEFAULT_SIZES = {"train": 400, "eval": 16, "test": 24}
+# 100 test examples: one example is 1 point of a task's score; 50 eval examples, enough to tune on
+DEFAULT_SIZES = {"train": 400, "eval": 50, "test": 100}
 DEFAULT_OUT = Path(__file__).resolve().parent / "data"
 
 # Py150 reads these standard-library modules, whose source files are byte-identical in CPython 3.10 to 3.13.
@@ -87,31 +89,33 @@ CSTANCE_PROMPT = "判断文本对对象的态度：A.支持，B.反对，C.中�
 CSTANCE_TARGETS = (  # (Chinese, English)
     ("远程办公", "remote work"), ("电动汽车", "electric cars"), ("垃圾分类", "waste sorting"),
     ("延迟退休", "later retirement"), ("网课", "online classes"), ("共享单车", "bike sharing"),
-    ("四天工作制", "a four-day week"), ("校服", "school uniforms"), ("外卖", "food delivery"),
+    ("四天工作制", "the four-day week"), ("校服", "school uniforms"), ("外卖", "food delivery"),
     ("夜市", "night markets"), ("高铁", "high-speed rail"), ("无人驾驶", "self-driving cars"),
     ("核电", "nuclear power"), ("限塑令", "the plastic ban"), ("早高峰限行", "rush-hour driving limits"),
     ("城市绿道", "city greenways"),
 )
 
-# Every comment carries one stance keyword of its class (支持/赞成, 反对/抵制, 中立/观望; support, oppose/against,
-# neutral/unsure), so a 135M model picks the cue up in tens of LoRA steps.
+# Several cues per class (five per language), so the task is graded rather than one keyword per class that flips
+# all-or-nothing; some words cross classes (看好 in A 很看好 and B 不看好, 不 in B and C, "idea" in A and B, "I really"
+# in A and B). A sixth of the comments first give the opposite view of another target, so the clause about the asked
+# target decides (it always comes last). The first redesign (six cues per class, negated cues such as 我不支持 and
+# "I do not support" in B, a third with a contrast clause) left SmolLM2-135M at the constant-answer level after 50
+# LoRA steps (0.31, single-task, lr 1e-3); this one is measured in the README.
 CSTANCE_ZH = {
-    "A": ("我支持{t}。", "强烈支持{t}！", "{t}很好，支持。", "我赞成{t}。", "支持{t}，利大于弊。", "完全赞成{t}。"),
-    "B": ("我反对{t}。", "坚决反对{t}！", "{t}不好，反对。", "我抵制{t}。", "反对{t}，弊大于利。", "坚决抵制{t}。"),
-    "C": ("我对{t}保持中立。", "{t}有利有弊，中立。", "对{t}持观望态度。", "{t}先观望吧。", "对{t}中立，再看看。",
-          "{t}还在观望。"),
+    "A": ("我支持{t}", "我赞成{t}", "很看好{t}", "为{t}点赞", "双手赞成{t}"),
+    "B": ("我反对{t}", "坚决抵制{t}", "不看好{t}", "受不了{t}", "{t}弊大于利"),
+    "C": ("对{t}保持中立", "对{t}持观望态度", "{t}不好说", "对{t}还没想好", "{t}再看看吧"),
 }
 CSTANCE_ZH_OPEN = ("", "说实话，", "个人觉得，", "今天聊聊：")
 
 CSTANCE_EN = {  # the target is always an object, so singular and plural targets both read well
-    "A": ("I support {t}.", "I fully support {t}.", "Big support for {t}!", "Yes, I support {t}.",
-          "I strongly support {t}.", "We should support {t}."),
-    "B": ("I oppose {t}.", "I strongly oppose {t}.", "I am against {t}.", "We must oppose {t}!",
-          "Totally against {t}.", "I firmly oppose {t}."),
-    "C": ("I am neutral on {t}.", "Neutral on {t} for now.", "Unsure about {t} yet.", "I stay neutral about {t}.",
-          "Still unsure about {t}.", "I feel neutral about {t}."),
+    "A": ("I support {t}", "I am in favor of {t}", "{t} is a good idea", "I welcome {t}", "I really like {t}"),
+    "B": ("I oppose {t}", "I am against {t}", "{t} is a bad idea", "I reject {t}", "I really dislike {t}"),
+    "C": ("I am neutral on {t}", "I am unsure about {t}", "I have not decided on {t}", "I have no opinion on {t}",
+          "I can see both sides of {t}"),
 }
 CSTANCE_EN_OPEN = ("", "Honestly, ", "Well, ", "Update: ")
+CSTANCE_CONTRAST = 1 / 6  # share of comments that open with another target's (different) stance
 
 
 def _cap(text: str) -> str:
@@ -119,14 +123,21 @@ def _cap(text: str) -> str:
 
 
 def make_cstance(rng: random.Random, label: str) -> tuple[str, str]:
-    zh, en = _pick(rng, CSTANCE_TARGETS)
-    if rng.random() < 0.5:
-        text = _pick(rng, CSTANCE_ZH_OPEN) + _pick(rng, CSTANCE_ZH[label]).format(t=zh)
-        target = zh
+    (zh, en), (other_zh, other_en) = rng.sample(CSTANCE_TARGETS, 2)
+    chinese = rng.random() < 0.5
+    clauses, opener = (CSTANCE_ZH, CSTANCE_ZH_OPEN) if chinese else (CSTANCE_EN, CSTANCE_EN_OPEN)
+    target, other = (zh, other_zh) if chinese else (en, other_en)
+    main = _pick(rng, clauses[label]).format(t=target)
+    if rng.random() < CSTANCE_CONTRAST:
+        other_label = _pick(rng, [c for c in "ABC" if c != label])
+        first = _pick(rng, clauses[other_label]).format(t=other)
+        body = f"{first}，但{main}" if chinese else f"{_cap(first)}, but {main}"
     else:
-        opener, body = _pick(rng, CSTANCE_EN_OPEN), _pick(rng, CSTANCE_EN[label]).format(t=en)
-        text = opener + (body if not opener or body.startswith("I ") else body[0].lower() + body[1:])
-        target = en
+        body = main if chinese else _cap(main)
+    start = _pick(rng, opener)
+    if start and not chinese and not body.startswith("I "):
+        body = body[0].lower() + body[1:]
+    text = start + body + ("。" if chinese else ".")
     return CSTANCE_PROMPT.format(text=text, target=target), label
 
 
@@ -138,36 +149,45 @@ FOMC_PROMPT = ("What is the monetary policy stance of the text? A. dovish, B. ha
                "Text: {text}\nAnswer:")
 
 FOMC_SUBJECTS = ("The Committee", "Participants", "Most members", "Several officials", "The Board", "Policymakers")
+# The policy action decides the class. "rate" and "policy" occur in all three classes, "further" in A and B.
 FOMC_ACTIONS = {
-    "A": ("decided to lower the policy rate", "saw room for further rate cuts", "judged that policy should ease",
-          "agreed to slow the balance sheet runoff", "favored more accommodation", "noted a weaker labor market"),
-    "B": ("decided to raise the policy rate", "saw a need for further rate hikes", "judged that policy should tighten",
+    "A": ("decided to lower the policy rate", "cut the target range", "judged that policy should ease",
+          "agreed to slow the balance sheet runoff", "favored more accommodation", "signaled further rate cuts"),
+    "B": ("decided to raise the policy rate", "lifted the target range", "judged that policy should tighten",
           "agreed to shrink the balance sheet faster", "favored a more restrictive stance",
-          "warned that inflation is too high"),
-    "C": ("decided to keep the policy rate unchanged", "will continue to monitor incoming data",
-          "discussed the economic outlook", "reviewed financial market developments", "described risks as balanced",
-          "made no change to guidance"),
+          "signaled further rate hikes"),
+    "C": ("decided to keep the policy rate unchanged", "left the target range where it was",
+          "judged the current policy appropriate", "will continue to monitor incoming data",
+          "made no change to guidance", "described the risks as balanced"),
 }
-FOMC_REASONS = {
-    "A": ("as growth slows", "given rising unemployment", "amid weak demand", "as inflation cools"),
-    "B": ("as price pressures build", "given strong wage growth", "amid elevated inflation", "as demand overheats"),
-    "C": ("at this meeting", "for now", "in detail", "as usual"),
+# Economic conditions. Three quarters of the sentences give one that agrees with the action ("... as growth slows");
+# the other quarter open with a concession that points the other way ("Although inflation is elevated, ... lower the
+# policy rate"), so the condition words are distractors there and only the action tells the class.
+FOMC_CONDITIONS = {
+    "A": ("growth slows", "unemployment rises", "demand weakens", "inflation cools"),
+    "B": ("price pressures build", "wage growth is strong", "inflation is elevated", "demand overheats"),
+    "C": ("the outlook is uncertain", "the data are mixed", "conditions are stable", "markets are calm"),
 }
+FOMC_CONCESSION = 1 / 4  # share of sentences that open with a concession pointing away from the class
 FOMC_MONTHS = ("", "In January, ", "In March, ", "In May, ", "In June, ", "In July, ", "In September, ",
                "In November, ", "In December, ")
 
 
 def make_fomc(rng: random.Random, label: str) -> tuple[str, str]:
-    month = _pick(rng, FOMC_MONTHS)
-    subject = _pick(rng, FOMC_SUBJECTS)
-    if month:
-        subject = subject[0].lower() + subject[1:]
-    text = f"{month}{subject} {_pick(rng, FOMC_ACTIONS[label])} {_pick(rng, FOMC_REASONS[label])}."
+    subject, action = _pick(rng, FOMC_SUBJECTS), _pick(rng, FOMC_ACTIONS[label])
+    if rng.random() < FOMC_CONCESSION:  # a concession pointing away from the label
+        condition = _pick(rng, FOMC_CONDITIONS[_pick(rng, [c for c in "ABC" if c != label])])
+        text = f"Although {condition}, {subject[0].lower()}{subject[1:]} {action}."
+    else:
+        month = _pick(rng, FOMC_MONTHS)
+        if month:
+            subject = subject[0].lower() + subject[1:]
+        text = f"{month}{subject} {action} as {_pick(rng, FOMC_CONDITIONS[label])}."
     return FOMC_PROMPT.format(text=text), label
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# MeetingBank: a templated council-meeting transcript -> a one-sentence summary (ROUGE-L)
+# MeetingBank: a council-meeting transcript -> a short summary whose content and wording follow the transcript
 # ----------------------------------------------------------------------------------------------------------------
 
 MEETING_PROMPT = "Write a summary of the meeting transcript.\nTranscript: {text}\nSummary:"
@@ -182,29 +202,40 @@ MEETING_PLACES = ("Main Street", "the downtown area", "District 3", "District 5"
                   "Harbor Road", "Elm Park", "the north library")
 MEETING_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday")
 MEETING_CONCERNS = ("traffic", "parking", "noise", "safety", "the timeline", "the cost")
+MEETING_OUTCOMES = ["approved", "rejected"]  # balanced per split: "always approved" is right only half the time
+
+# The summary is not one template: its wording follows the way the transcript reports the vote (three ways), and it
+# ends with the residents' concern only when the transcript has a public comment. The seconder and the cost are
+# never summarised, so a model that copies the whole transcript loses precision. ROUGE-L 1.0 needs every one of:
+# outcome, item, place, both vote counts, the matching wording, and whether and which concern to mention.
+MEETING_VOTES = (  # (transcript's vote sentence, the summary's main sentence)
+    ("After a short discussion, the motion {outcome} by a vote of {yes} to {no}.",
+     "{Short} {verb} {item} for {place}, {yes} to {no}."),
+    ("Members then voted {yes} to {no}, and the motion {outcome}.",
+     "{Short} voted {yes} to {no} and {verb} {item} for {place}."),
+    ("The chair called the roll: {yes} in favor, {no} against; the motion {outcome}.",
+     "With {yes} votes in favor and {no} against, {short} {verb} {item} for {place}."),
+)
 
 
-def make_meeting(rng: random.Random, _label: str) -> tuple[str, str]:
+def make_meeting(rng: random.Random, outcome: str) -> tuple[str, str]:
     body, short = _pick(rng, MEETING_BODIES)
     chair, mover, seconder = rng.sample(MEETING_MEMBERS, 3)
     item, place = _pick(rng, MEETING_ITEMS), _pick(rng, MEETING_PLACES)
     size = rng.choice((5, 7, 9))
-    yes = rng.randint(0, size)
-    while yes * 2 == size:
-        yes = rng.randint(0, size)
-    passed = yes * 2 > size
-    opening = f"Chair {chair} opened the {body} meeting on {_pick(rng, MEETING_DAYS)} evening and welcomed everyone."
-    motion = f"Member {mover} moved to approve {item} for {place} as presented by staff."
-    extras = [
-        f"Member {seconder} seconded the motion.",
-        f"Staff said the work would cost about {rng.randint(2, 95) * 10} thousand dollars.",
-        f"During public comment, {rng.randint(2, 12)} residents spoke about {_pick(rng, MEETING_CONCERNS)}.",
-    ]
-    extras = [extras[i] for i in sorted(rng.sample(range(3), rng.randint(0, 2)))]
-    outcome = "passed" if passed else "failed"
-    vote = f"After a short discussion, the motion {outcome} by a vote of {yes} to {size - yes}."
-    text = " ".join([opening, motion, *extras, vote])
-    summary = f"{short} {'approved' if passed else 'rejected'} {item} for {place}, {yes} to {size - yes}."
+    yes = rng.randint(size // 2 + 1, size) if outcome == "approved" else rng.randint(0, size // 2)
+    vote_line, summary_line = MEETING_VOTES[rng.randrange(len(MEETING_VOTES))]
+    opening = f"Chair {chair} opened the {body} meeting on {_pick(rng, MEETING_DAYS)} evening."
+    motion = f"Member {mover} moved to approve {item} for {place}."
+    concern = _pick(rng, MEETING_CONCERNS) if rng.random() < 0.5 else None
+    extras = [f"Member {seconder} seconded the motion." if rng.random() < 0.5 else "",
+              f"Staff said it would cost about {rng.randint(2, 95) * 10} thousand dollars." if rng.random() < 0.5
+              else "",
+              f"During public comment, {rng.randint(2, 12)} residents spoke about {concern}." if concern else ""]
+    fields = {"outcome": "passed" if outcome == "approved" else "failed", "yes": yes, "no": size - yes,
+              "verb": outcome, "item": item, "place": place, "short": short.lower(), "Short": short}
+    text = " ".join([opening, motion, *[e for e in extras if e], vote_line.format(**fields)])
+    summary = summary_line.format(**fields) + (f" Residents spoke about {concern}." if concern else "")
     return MEETING_PROMPT.format(text=text), summary
 
 
@@ -406,19 +437,26 @@ DS_FACTS = (
 )
 
 
+DS_ASKED = ["first", "second"]  # which quantity the question asks for, balanced per split (always copying the
+# first number of the statement is then right only half the time)
+
+
 def make_numglue_cm(rng: random.Random, _label: str) -> tuple[str, str]:
     name, pron = _pick(rng, NAMES)
-    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    # the sum is drawn uniformly (4-40), then its split into two addends 2-20: no sum is much likelier than another
+    total = rng.randint(4, 40)
+    a = rng.randint(max(2, total - 20), min(20, total - 2))
+    b = total - a
     problem = _pick(rng, CM_TEMPLATES).format(name=name, pron=pron, Pron=_cap(pron), a=a, b=b,
                                               pron_obj="her" if pron == "she" else "him", x=_pick(rng, CM_THINGS))
     return NUMGLUE_PROMPT.format(problem=problem), str(a + b)
 
 
-def make_numglue_ds(rng: random.Random, _label: str) -> tuple[str, str]:
+def make_numglue_ds(rng: random.Random, asked_label: str) -> tuple[str, str]:
     statement, questions = DS_FACTS[rng.randrange(len(DS_FACTS))]
     a = rng.randint(2, 40)
     b = rng.choice([n for n in range(2, 41) if n != a])
-    asked = rng.randrange(2)
+    asked = DS_ASKED.index(asked_label)
     problem = f"Statement: {statement.format(a=a, b=b)}\nQuestion: {questions[asked]}"
     return NUMGLUE_PROMPT.format(problem=problem), str((a, b)[asked])
 
@@ -429,39 +467,66 @@ def make_numglue_ds(rng: random.Random, _label: str) -> tuple[str, str]:
 
 MINUTEN_PROMPT = "Simplify the following German paragraph.\nParagraph: {text}\nSimplified:"
 
-# (actor, long object, short object, participle, reasons)
-MINUTEN_EVENTS = (
+# (actor, long object, short object, participle, pronoun of the object, reasons kept, side remarks dropped).
+# A "weil" clause is the news: the simplification keeps it as a second main clause, with the verb moved to second
+# place ("weil er ohne Ausweis unterwegs war" -> "Er war ohne Ausweis unterwegs."). A "nachdem"/relative clause is a
+# side remark and is dropped. Which of the two a sentence has is balanced per split, so no single template scores
+# the maximum, and SARI gives partial credit to a model that gets the core sentence but not the reason.
+MinutenEvent = tuple[str, str, str, str, tuple[tuple[str, str], ...], tuple[str, ...]]
+MINUTEN_EVENTS: tuple[MinutenEvent, ...] = (
     ("die Polizei", "einen {age}-jährigen Mann", "einen Mann", "festgenommen",
-     ("nachdem er mehrere Autos beschädigt hatte", "weil er ohne Ausweis unterwegs war")),
+     (("weil er ohne Ausweis unterwegs war", "Er war ohne Ausweis unterwegs."),
+      ("weil er mehrere Autos beschädigt hatte", "Er hatte mehrere Autos beschädigt.")),
+     ("nachdem Anwohner ihn gemeldet hatten", "der sich in einem Keller versteckt hatte")),
     ("die Polizei", "eine {age}-jährige Frau", "eine Frau", "kontrolliert",
-     ("weil sie viel zu schnell gefahren war", "nachdem Anwohner sie gemeldet hatten")),
+     (("weil sie viel zu schnell gefahren war", "Sie war viel zu schnell gefahren."),
+      ("weil sie kein Licht am Velo hatte", "Sie hatte kein Licht am Velo.")),
+     ("nachdem sie eine rote Ampel überfahren hatte", "die gerade auf dem Heimweg war")),
     ("die Feuerwehr", "einen grossen Brand in einer Wohnung", "einen Brand", "gelöscht",
-     ("der in der Küche ausgebrochen war", "nachdem Nachbarn Rauch bemerkt hatten")),
+     (("weil eine Kerze umgefallen war", "Eine Kerze war umgefallen."),
+      ("weil ein Kochherd überhitzt war", "Ein Kochherd war überhitzt.")),
+     ("nachdem Nachbarn Rauch bemerkt hatten", "der schnell auf das Dach übergriff")),
     ("die Gemeinde", "eine neue Schule für {age}0 Kinder", "eine Schule", "eröffnet",
-     ("nachdem die Bauarbeiten zwei Jahre gedauert hatten", "weil die alte Schule zu klein war")),
+     (("weil die alte Schule zu klein war", "Die alte Schule war zu klein."),
+      ("weil immer mehr Familien zuziehen", "Immer mehr Familien ziehen zu.")),
+     ("nachdem die Bauarbeiten zwei Jahre gedauert hatten", "die am Rand des Dorfes steht")),
     ("die Stadt", "einen neuen Spielplatz mit vielen Geräten", "einen Spielplatz", "gebaut",
-     ("weil sich viele Familien das gewünscht hatten", "der im Frühling eröffnet werden soll")),
+     (("weil viele Familien ihn wollten", "Viele Familien wollten ihn."),
+      ("weil der alte Spielplatz kaputt war", "Der alte Spielplatz war kaputt.")),
+     ("der im Frühling eröffnet werden soll", "nachdem der Gemeinderat zugestimmt hatte")),
     ("ein Forscherteam", "eine bisher unbekannte Tierart", "eine Tierart", "entdeckt",
+     (("weil es neue Kameras benutzt hat", "Es hat neue Kameras benutzt."),
+      ("weil es nachts im Wald gesucht hat", "Es hat nachts im Wald gesucht.")),
      ("die nur in einem kleinen Tal lebt", "nachdem es monatelang gesucht hatte")),
     ("ein Bauer", "einen seltenen weissen Hirsch", "einen Hirsch", "gesehen",
+     (("weil er früh auf dem Feld war", "Er war früh auf dem Feld."),
+      ("weil er eine Kamera dabeihatte", "Er hatte eine Kamera dabei.")),
      ("als er am Morgen auf sein Feld ging", "der sofort im Wald verschwand")),
     ("der Zoo", "ein kleines Elefantenbaby", "ein Elefantenbaby", "vorgestellt",
-     ("das vor {age} Tagen geboren wurde", "das schon sehr neugierig ist")),
+     (("weil es vor {age} Tagen geboren wurde", "Es wurde vor {age} Tagen geboren."),
+      ("weil es endlich draussen spielen darf", "Es darf endlich draussen spielen.")),
+     ("das schon sehr neugierig ist", "nachdem es den ersten Tierarzttest bestanden hatte")),
 )
-MINUTEN_CITIES = ("Zürich", "Bern", "Basel", "Luzern", "Genf", "Winterthur", "St. Gallen", "Lugano")
+MINUTEN_CITIES = ("Zürich", "Bern", "Basel", "Luzern", "Genf", "Winterthur", "Chur", "Lugano")
 MINUTEN_TIMES = ("Am Montagabend", "Am Dienstag", "Am Mittwochmorgen", "Am Freitag", "Am Wochenende",
                  "Am Sonntagnachmittag", "Gestern", "In der Nacht auf Samstag")
 MINUTEN_SOURCES = ("", " laut einer Mitteilung", " nach eigenen Angaben", " laut Augenzeugen")
+MINUTEN_KINDS = ["reason", "remark"]  # keep a "weil" reason / drop a side remark, balanced per split
 
 
-def make_minuten(rng: random.Random, _label: str) -> tuple[str, str]:
-    actor, long_obj, short_obj, verb, reasons = _pick(rng, MINUTEN_EVENTS)
-    age = rng.randint(2, 9) if "Tagen" in " ".join(reasons) or "0 Kinder" in long_obj else rng.randint(19, 78)
+def make_minuten(rng: random.Random, kind: str) -> tuple[str, str]:
+    actor, long_obj, short_obj, verb, reasons, remarks = _pick(rng, MINUTEN_EVENTS)
+    small = "Tagen" in str(reasons) or "0 Kinder" in long_obj  # days since a birth, tens of pupils
+    age = rng.randint(2, 9) if small else rng.randint(19, 78)
     city, when = _pick(rng, MINUTEN_CITIES), _pick(rng, MINUTEN_TIMES)
     source = _pick(rng, MINUTEN_SOURCES)
-    reason = _pick(rng, reasons).format(age=age)
-    text = f"{when} hat {actor}{source} in {city} {long_obj.format(age=age)} {verb}, {reason}."
-    simple = f"{_cap(actor)} hat in {city} {short_obj} {verb}."
+    if kind == "reason":
+        clause, kept = reasons[rng.randrange(len(reasons))]
+        tail = " " + kept.format(age=age)
+    else:
+        clause, tail = _pick(rng, remarks), ""
+    text = f"{when} hat {actor}{source} in {city} {long_obj.format(age=age)} {verb}, {clause.format(age=age)}."
+    simple = f"{_cap(actor)} hat in {city} {short_obj} {verb}.{tail}"
     return MINUTEN_PROMPT.format(text=text), simple
 
 
@@ -472,11 +537,11 @@ def make_minuten(rng: random.Random, _label: str) -> tuple[str, str]:
 MAKERS: dict[str, tuple[Maker, list[str]]] = {
     "C-STANCE": (make_cstance, ["A", "B", "C"]),
     "FOMC": (make_fomc, ["A", "B", "C"]),
-    "MeetingBank": (make_meeting, [""]),
+    "MeetingBank": (make_meeting, MEETING_OUTCOMES),
     "ScienceQA": (make_scienceqa, SCIENCEQA_LETTERS),
     "NumGLUE-cm": (make_numglue_cm, [""]),
-    "NumGLUE-ds": (make_numglue_ds, [""]),
-    "20Minuten": (make_minuten, [""]),
+    "NumGLUE-ds": (make_numglue_ds, DS_ASKED),
+    "20Minuten": (make_minuten, MINUTEN_KINDS),
 }
 
 
