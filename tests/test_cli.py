@@ -99,10 +99,16 @@ def test_bad_value_type(tmp_path, trace_dir):
 
 
 def test_list_shows_methods_and_benchmarks():
-    result = invoke("list")
+    """If this fails, `clbench list` hides a registered method or benchmark (each must be a row of its table)."""
+    import re
+
+    from clbench import registry
+
+    result = runner.invoke(app, ["list"], terminal_width=250)
     assert result.exit_code == 0
-    for name in ("lora", "seqft", "trace-mini", "trace"):
-        assert name in result.output
+    cells = set(re.findall(r"^[│┃|]\s*(\S+)\s*[│┃|]", result.output, flags=re.MULTILINE))
+    assert set(registry.methods()) | set(registry.benchmarks()) <= cells, result.output
+    assert {"lora", "seqft", "moe-lora", "trace-mini", "trace"} <= cells
 
 
 def test_run_then_leaderboard(tmp_path, trace_dir):

@@ -27,8 +27,12 @@ def test_two_task_run_writes_a_complete_run_folder(tmp_path, trace_dir):
     assert metrics["params"][-1]["added"] > 0 and metrics["params"][-1]["trainable"] > 0
     preds = json.loads((run_dir / "predictions" / "after-2" / "FOMC.json").read_text())
     assert set(preds[0]) == {"prompt", "answer", "prediction"} and len(preds) == 4
-    config = (run_dir / "config.yaml").read_text()
-    assert "data_manifest" in config and "lora" in config
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["identity"]["run"]["method"] == "lora" and config["identity"]["run"]["model"] == "tiny"
+    assert set(config["data_manifest"]) == {"C-STANCE", "FOMC", *config["data_manifest"]}  # every task's manifest
+    assert config["data_manifest"]["FOMC"]["test"]["n"] == 4
 
 
 def test_no_task_id_reaches_a_task_agnostic_method(tmp_path, trace_dir, monkeypatch):
@@ -47,34 +51,45 @@ def test_no_task_id_reaches_a_task_agnostic_method(tmp_path, trace_dir, monkeypa
 
 
 def test_killed_run_resumes_after_last_finished_task_with_identical_R(tmp_path, trace_dir, monkeypatch):
-    full = Harness(tiny_run(tmp_path, trace_dir, out=str(tmp_path / "full"), seed=3)).run()
+    """If this fails, a run killed mid-order either retrains finished tasks or resumes from a state that differs
+    from the uninterrupted run (R and predictions must be identical). The crash is raised from the method's public
+    `begin_task` hook, where a user's Ctrl-C or an OOM would hit."""
+    from clbench import registry
+
+    fast = {"lr": 0.05}  # so 3 steps change the outputs: a no-op resume could not pass the comparison
+    full = Harness(tiny_run(tmp_path, trace_dir, out=str(tmp_path / "full"), seed=3), fast).run()
     R_full = pd.read_csv(full / "R.csv", index_col=0).to_numpy()
 
     crashed_cfg = tiny_run(tmp_path, trace_dir, out=str(tmp_path / "crash"), seed=3)
-    original_fit = Harness._fit
-    fits = []
+    lora = registry.get_method("lora")
+    original_begin = lora.begin_task
+    begun = []
 
-    def crash_on_second_task(self, method, t):
-        if t == 1:
+    def crash_on_second_task(self, t, task):
+        if t == 1 and not begun.count("resumed"):
             raise KeyboardInterrupt
-        fits.append(t)
-        return original_fit(self, method, t)
+        begun.append(t)
+        return original_begin(self, t, task)
 
-    monkeypatch.setattr(Harness, "_fit", crash_on_second_task)
+    monkeypatch.setattr(lora, "begin_task", crash_on_second_task)
     with pytest.raises(KeyboardInterrupt):
-        Harness(crashed_cfg).run()
+        Harness(crashed_cfg, fast).run()
     crash_dir = tmp_path / "crash"
     assert not (crash_dir / "DONE").exists() and not (crash_dir / "metrics.json").exists()
     assert sorted(pd.read_csv(crash_dir / "R.csv", index_col=0).dropna().index) == ["after-1:C-STANCE", "zero-shot"]
 
-    monkeypatch.setattr(Harness, "_fit", lambda self, method, t: (fits.append(t), original_fit(self, method, t))[1])
-    Harness(crashed_cfg).run()
-    assert fits == [0, 1]  # task 1 trained once before the crash, only task 2 after it
+    row_1 = json.loads((crash_dir / "progress.json").read_text())["rows"]["1"]
+    begun.append("resumed")
+    Harness(crashed_cfg, fast).run()
+    assert json.loads((crash_dir / "progress.json").read_text())["rows"]["1"] == row_1  # task 1 was not retrained
+    assert begun == [0, "resumed", 0, 1]  # the resume replays task 1's begin_task (no training) and trains task 2
     R_resumed = pd.read_csv(crash_dir / "R.csv", index_col=0).to_numpy()
     np.testing.assert_array_equal(R_resumed, R_full)
     full_preds = json.loads((full / "predictions" / "after-2" / "C-STANCE.json").read_text())
     resumed_preds = json.loads((crash_dir / "predictions" / "after-2" / "C-STANCE.json").read_text())
     assert full_preds == resumed_preds
+    zero_shot = json.loads((full / "predictions" / "after-0" / "C-STANCE.json").read_text())
+    assert zero_shot != full_preds  # training changed the outputs, so the comparison above is not vacuous
     assert list((crash_dir / "state").glob("*.pt")) == [crash_dir / "state" / "after-2.pt"]
 
 
@@ -107,7 +122,7 @@ def test_frozen_weights_in_bf16_give_the_same_predictions(tmp_path, trace_dir, m
     computes, or leaves the frozen weights in fp32, or breaks a method's end_task (EWC's Fisher pass)."""
     import torch
 
-    from clbench.harness import FROZEN_DTYPES, Harness
+    from clbench.harness import Harness, frozen_torch_dtype
 
     settings = dict(method=method, precision="bf16-mixed", num_tasks=2, max_steps_per_task=3)
     fast = {"lr": 0.05}  # so 3 steps change the outputs and the comparison below is not vacuous
@@ -129,13 +144,57 @@ def test_frozen_weights_in_bf16_give_the_same_predictions(tmp_path, trace_dir, m
     loaded = load_model("tiny")
     m = registry.get_method(method)(loaded.model, loaded.tokenizer, harness.method_cfg, num_tasks=2)
     m.begin_task(0, harness.tasks[0])
-    assert m.store_frozen_linears(FROZEN_DTYPES["bf16"][0]) > 0
+    assert m.store_frozen_linears(frozen_torch_dtype("bf16", "bf16-mixed")) > 0
     linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
-    # every frozen linear, the output head tied to the embeddings included (its own bf16 copy); the table stays fp32
-    assert all(mod.weight.dtype == (torch.float32 if mod.weight.requires_grad else torch.bfloat16) for mod in linears)
+    # every frozen base linear, the output head tied to the embeddings included (its own bf16 copy); the table and
+    # every tensor the method added (adapters it may unfreeze for a later task) stay fp32
+    assert all(mod.weight.dtype == (torch.bfloat16 if id(mod.weight) in m._base_ids and not mod.weight.requires_grad
+                                    else torch.float32) for mod in linears)
     assert m.model.get_output_embeddings().weight.dtype == torch.bfloat16
     assert m.model.get_input_embeddings().weight.dtype == torch.float32
     assert not [name for name in m.checkpoint_state() if "lm_head" in name or "embed_tokens" in name]
+
+
+def test_trainable_weights_stay_fp32_at_every_task_under_frozen_bf16(tmp_path, trace_dir):
+    """If this fails, `--frozen-dtype bf16` (set by the GPU profiles) makes some method train bf16 master weights from
+    its second task on: it pre-created the later tasks' adapters frozen, the cast turned them to bf16, and AdamW then
+    updates them in bf16, losing every update below bf16's resolution (O-LoRA and per-task-LoRA did this)."""
+    import torch
+
+    from clbench import registry
+    from clbench.config import build
+    from clbench.configs_dir import method_defaults
+    from clbench.harness import Harness, frozen_torch_dtype
+    from clbench.models import load_model
+
+    harness = Harness(tiny_run(tmp_path, trace_dir, num_tasks=3))
+    for name, cls in registry.methods().items():
+        loaded = load_model("tiny")
+        method = cls(loaded.model, loaded.tokenizer, build(cls.config_class, method_defaults(name)), num_tasks=3)
+        for t, task in enumerate(harness.tasks):
+            method.begin_task(t, task)
+            method.store_frozen_linears(frozen_torch_dtype("bf16", "bf16-mixed"))
+            low = [n for n, p in method.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+            assert not low, f"{name}, task {t}: {low[:3]}"
+            assert any(p.requires_grad for p in method.parameters()), f"{name}, task {t}: nothing to train"
+
+
+def test_a_bf16_trainable_weight_is_refused_before_training(tmp_path, trace_dir):
+    """If this fails, a method that leaves a trainable weight in bf16 trains silently with bf16 master weights."""
+    import pytest
+    import torch
+
+    from clbench import registry
+    from clbench.harness import Harness
+    from clbench.models import load_model
+
+    harness = Harness(tiny_run(tmp_path, trace_dir, num_tasks=1))
+    loaded = load_model("tiny")
+    method = registry.get_method("lora")(loaded.model, loaded.tokenizer, harness.method_cfg, num_tasks=1)
+    method.begin_task(0, harness.tasks[0])
+    next(p for p in method.parameters() if p.requires_grad).data = torch.zeros(1, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="fp32 master"):
+        method.on_train_start()
 
 
 def test_frozen_dtype_needs_the_matching_precision(tmp_path, trace_dir):

@@ -44,10 +44,12 @@ def write_run(root: Path, method: str = "lora", seed: int = 0, *, order: int = 1
               benchmark: str = "trace-mini", tasks: list[str] | None = None, R: np.ndarray | None = None,
               done: bool = True, task_aware: bool = False, joint: bool = False, added: list[int] | None = None,
               digest: str = "d1g35t00", method_config: dict[str, Any] | None = None, device: str = "cpu x2",
-              infer_ms: float = 20.0, step_s: float = 0.5, wall: float = 60.0) -> Path:
+              infer_ms: float = 20.0, step_s: float = 0.5, wall: float = 60.0,
+              hardware: dict[str, Any] | None = None) -> Path:
     """Write a run folder the way the harness does (config.yaml, progress.json, R.csv, metrics.json, DONE).
 
     ``added``: parameters added after each trained row (one entry per row of R that is not all NaN).
+    ``hardware``: metrics.json's ``hardware`` dict (left out, as in folders older than that field, when None).
     """
     tasks = list(tasks or TASKS3)
     T = len(tasks)
@@ -90,6 +92,8 @@ def write_run(root: Path, method: str = "lora", seed: int = 0, *, order: int = 1
         "versions": {"clbench": "0.1.0", "torch": "2.13"}, "git_commit": "abc1234",
         "command": f"clbench run --method {method} --seed {seed} --order {order} --model {model}", "device": device,
     }
+    if hardware is not None:
+        metrics["hardware"] = hardware
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "DONE").write_text("")
@@ -222,3 +226,68 @@ def test_duplicate_seed_counts_once(tmp_path):
     with pytest.warns(SkippedRunWarning, match="duplicate of seed 0"):
         table = build_leaderboard([tmp_path])
     assert _only(table, method="lora")["n_seeds"] == 2
+
+
+AMX_CPU = {"cpu_model": "Intel Xeon Platinum 8480+", "machine": "x86_64", "torch_cpu_capability": "AVX512",
+           "isa": {"amx_bf16": True, "amx_tile": True, "avx512_bf16": True, "avx512f": True, "avx2": True,
+                   "fma": True}, "torch_threads": 2, "gpus": []}
+AVX2_CPU = {"cpu_model": "AMD EPYC 7B12", "machine": "x86_64", "torch_cpu_capability": "AVX2",
+            "isa": {"amx_bf16": False, "amx_tile": False, "avx512_bf16": False, "avx512f": False, "avx2": True,
+                    "fma": True}, "torch_threads": 2, "gpus": []}
+
+
+def test_rows_of_different_hardware_classes_are_not_averaged(tmp_path):
+    """If this fails, seeds run on CPUs with different bf16 kernels (AMX vs AVX2: OP 0.605 vs 0.476 for one seed)
+    are averaged into one row whose mean no machine produces, or old folders without recorded hardware are mixed
+    in with known ones, and the printed tables do not say which hardware a row is from."""
+    write_run(tmp_path / "a", "lora", 0, R=make_R([0.6] * 3), hardware=AMX_CPU)
+    write_run(tmp_path / "a", "lora", 1, R=make_R([0.62] * 3), hardware={**AMX_CPU, "torch_threads": 1})
+    write_run(tmp_path / "b", "lora", 2, R=make_R([0.45] * 3), hardware=AVX2_CPU)
+    write_run(tmp_path / "c", "lora", 3, R=make_R([0.5] * 3))
+    table = build_leaderboard([tmp_path])
+    assert len(table) == 3
+    amx = _only(table, hardware_class="cpu:avx512+avx512_bf16+amx")
+    assert amx["n_seeds"] == 2 and amx["OP_mean"] == pytest.approx(0.61)  # thread count: recorded, not a class
+    assert amx["cpu_model"] == "Intel Xeon Platinum 8480+" and amx["torch_threads"] == "2 | 1"
+    assert _only(table, hardware_class="cpu:avx2")["OP_mean"] == pytest.approx(0.45)
+    assert _only(table, hardware_class="unknown")["OP_mean"] == pytest.approx(0.5)
+    result = CliRunner().invoke(app, ["leaderboard", str(tmp_path), "--out", str(tmp_path / "lb.csv")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for cls in ("hardware cpu:avx512+avx512_bf16+amx", "hardware cpu:avx2", "hardware unknown"):
+        assert cls in result.stdout
+    assert "hardware_class" in (tmp_path / "lb.csv").read_text().splitlines()[0]
+
+
+def test_leaderboard_has_interval_columns(tmp_path):
+    """If this fails, `clbench leaderboard` no longer writes the 95 % interval, its flags or the lora comparison to
+    the CSV, or prints the old ± std as if it were the whole uncertainty."""
+    for seed in range(2):
+        write_run(tmp_path, "lora", seed, R=make_R([0.5 + 0.1 * seed] * 3))
+    write_run(tmp_path, "seqft", 0, R=make_R([0.2] * 3))
+    table = build_leaderboard([tmp_path])
+    for m in ("OP", "BWT", "FWT"):
+        for col in ("ci_low", "ci_high", "vs_lora_low", "vs_lora_high", "vs_lora_p"):
+            assert f"{m}_{col}" in table.columns
+    lora, seqft = _only(table, method="lora"), _only(table, method="seqft")
+    assert lora["OP_ci_low"] < lora["OP_mean"] < lora["OP_ci_high"]  # seeds only: these folders have no predictions
+    assert "no-test-var" in lora["ci_flags"] and "pooled" in seqft["ci_flags"] and seqft["vs_lora"].startswith("OP")
+    result = CliRunner().invoke(app, ["leaderboard", str(tmp_path), "--out", str(tmp_path / "lb.csv")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"{100 * lora['OP_mean']:.1f} [{100 * lora['OP_ci_low']:.1f}, {100 * lora['OP_ci_high']:.1f}]" \
+        in result.stdout
+    assert "pooled: 1 seed" in result.stdout
+
+
+def test_tuning_trials_scored_on_eval_never_enter_the_leaderboard(tmp_path):
+    """If this fails, `clbench leaderboard runs/` mixes `clbench tune` trials (scored on the eval split, short
+    protocol) into the results as if they were test scores."""
+    from clbench.leaderboard import build_leaderboard
+
+    write_run(tmp_path, seed=0)
+    trial = write_run(tmp_path, seed=1)
+    metrics = json.loads((trial / "metrics.json").read_text())
+    (trial / "metrics.json").write_text(json.dumps({**metrics, "score_split": "eval"}))
+    table = build_leaderboard([tmp_path])
+    assert len(table) == 1 and table.loc[0, "n_seeds"] == 1

@@ -40,14 +40,14 @@ class ToyNorm(CLMethod):
 '''
 
 
-def _install_plugin(site: Path) -> None:
+def _install_plugin(site: Path, name: str = METHOD) -> None:
     """What ``pip install`` of a package declaring the entry point leaves on sys.path: the module + a dist-info."""
     (site / PLUGIN).mkdir(parents=True)
     (site / PLUGIN / "__init__.py").write_text(textwrap.dedent(PLUGIN_SOURCE))
     dist = site / "toy_clbench_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-clbench-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[clbench.methods]\n{METHOD} = {PLUGIN}:ToyNorm\n")
+    (dist / "entry_points.txt").write_text(f"[clbench.methods]\n{name} = {PLUGIN}:ToyNorm\n")
 
 
 @pytest.fixture
@@ -108,3 +108,46 @@ def test_reset_forgets_an_uninstalled_plugin(tmp_path, monkeypatch):
     registry.reset()
     sys.modules.pop(PLUGIN, None)
     assert METHOD not in registry.methods() and "lora" in registry.methods()
+
+
+def test_a_plugin_taking_a_built_in_name_is_an_error_naming_both(tmp_path, monkeypatch):
+    """If this fails, installing a plugin whose method is called `lora` silently replaces (or is silently shadowed
+    by) the built-in, and runs named `lora` compute something else."""
+    from clbench import registry
+
+    _install_plugin(tmp_path / "site", name="lora")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    registry.reset()
+    try:
+        with pytest.raises(registry.RegistryError, match=r"'lora' is registered twice.*clbench\.methods\.lora\.LoRA"
+                                                         rf".*{PLUGIN}\.ToyNorm"):
+            registry.methods()
+    finally:
+        monkeypatch.undo()
+        registry.reset()
+        sys.modules.pop(PLUGIN, None)
+    assert registry.get_method("lora").__module__ == "clbench.methods.lora"
+
+
+def test_two_built_in_classes_under_one_name_is_an_error(monkeypatch):
+    """If this fails, a second module decorated with an existing name (a copy-pasted method) silently wins."""
+    from clbench import registry
+    from clbench.method import CLMethod
+
+    registry.load_all()
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    with pytest.raises(registry.RegistryError, match="'seqft' is registered twice"):
+        @registry.register_method("seqft")
+        class Copy(CLMethod):
+            """A second method under a taken name."""
+
+
+def test_each_method_file_has_exactly_one_module_name():
+    """If this fails, a method imports both as `methods.x` and `clbench.methods.x` (and registers twice)."""
+    import importlib.util
+
+    from clbench import registry
+
+    assert importlib.util.find_spec("methods") is None and importlib.util.find_spec("benchmarks") is None
+    assert all(cls.__module__.startswith("clbench.methods.") for cls in registry.methods().values()
+               if cls.__module__ != PLUGIN)

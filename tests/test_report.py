@@ -185,3 +185,44 @@ def test_make_results_copies_the_leaderboard_and_two_figures_into_the_readme(rep
     images = [line.split('src="')[1].split('"')[0] for line in block.splitlines() if line.startswith("<img")]
     assert [Path(i).name for i in images] == ["op_vs_added_params.png", "forgetting_order1.png"]
     assert all((readme.parent / i).is_file() for i in images)  # the paths resolve from the README's folder
+
+
+def test_report_shows_intervals_vs_lora_and_splits_hardware(tmp_path):
+    """If this fails, the report (and the README table copied from it) shows only the seed ± std, without the 95 %
+    interval over seeds and test examples or which methods are distinguishable from lora, or it puts runs from two
+    hardware classes in one table as if comparable."""
+    import subprocess
+    import sys
+
+    from test_intervals import random_correct, write_examples_run
+    from test_leaderboard import AMX_CPU, AVX2_CPU
+
+    from clbench.leaderboard import build_leaderboard
+
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        base = random_correct(rng, 0.4)
+        write_examples_run(tmp_path / "runs", "lora", seed, base, hardware=AMX_CPU)
+        better = [c.copy() for c in base]
+        for c in better:
+            c[3] = 1.0
+        write_examples_run(tmp_path / "runs", "moses", seed, better, hardware=AMX_CPU)
+    write_examples_run(tmp_path / "runs" / "other", "lora", 0, random_correct(rng, 0.6), hardware=AVX2_CPU)
+    md = write_report([tmp_path / "runs"], tmp_path / "report").read_text()
+    assert md.count("## trace-mini · model tiny") == 2
+    amx = md[md.index("hardware cpu:avx512+avx512_bf16+amx\n"):]
+    amx = amx[:amx.index("\n## ")]
+    assert "| OP 95 % CI | BWT 95 % CI | FWT 95 % CI | vs lora |" in amx and "distinguishable" in amx
+    table = build_leaderboard([tmp_path / "runs"])
+    lora = table[(table["method"] == "lora") & (table["n_seeds"] == 3)].iloc[0]
+    row = _table_row(amx, "lora")  # Method, Seeds, 3 tasks, OP, BWT, FWT, then the intervals
+    assert row[8] == f"[{100 * lora['OP_ci_low']:.1f}, {100 * lora['OP_ci_high']:.1f}]" and row[-1] == "—"
+    assert _table_row(amx, "moses")[-1].startswith("OP +")
+    assert "cpu:avx2 (AMD EPYC 7B12, 2 threads): 1 run" in md
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"
+    done = subprocess.run([sys.executable, str(script), "--report", str(tmp_path / "report" / "report.md"),
+                           "--readme", str(readme)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "OP 95 % CI" in readme.read_text() and "not distinguishable" in readme.read_text()

@@ -87,7 +87,7 @@ class BenchConfig:
         for label in self.overrides:
             if label not in labels:
                 raise ConfigError(f"--set {label}.KEY=VALUE names no contender (contenders: {', '.join(labels)})")
-        from clbench.harness import frozen_torch_dtype
+        from clbench.run_config import frozen_torch_dtype
 
         frozen_torch_dtype(self.frozen_dtype, self.precision)  # the same check as `clbench run`
 
@@ -264,7 +264,7 @@ def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.devic
     loaded = load_model(cfg.model)
     # exactly new_tokens tokens for everyone: EOS is suppressed until then (greedy decoding is otherwise unchanged)
     loaded.model.generation_config.min_new_tokens = cfg.new_tokens
-    from clbench.harness import frozen_torch_dtype
+    from clbench.run_config import frozen_torch_dtype
 
     frozen = frozen_torch_dtype(cfg.frozen_dtype, cfg.precision)
     if name == BASE:
@@ -397,13 +397,14 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
 
     rows = [{**_row(e, cfg.batch_size), "knobs": _knobs_text(cfg.overrides.get(e.name, {}))} for e in entries]
     _add_ratios(rows)
-    from clbench.harness import git_commit, versions
+    from clbench.provenance import git_commit, hardware, versions
 
     return {
         "name": cfg.name, "command": " ".join(["clbench", *sys.argv[1:]]),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
+        "hardware": hardware(),  # CPU model/ISA, threads, GPU and CUDA versions: speed depends on all of them
         "torch_threads": torch.get_num_threads(), "memory_kind": memory_kind(device), "data": source,
         "train_batch_shapes": [list(b["input_ids"].shape) for b in batches],
         "infer_batch_shape": list(infer["input_ids"].shape),

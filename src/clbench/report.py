@@ -1,9 +1,10 @@
 """``clbench report``: a self-contained markdown report with figures from finished run folders.
 
-The report has one section per benchmark × model × task count × data manifest (numbers from different models or data
-are never put side by side as if comparable). Each section holds
+The report has one section per benchmark × model × task count × data manifest × hardware class (numbers from
+different models, data or bf16 kernel families are never put side by side as if comparable). Each section holds
 
 - (a) a TRACE-style leaderboard table: final per-task scores R[T, j], OP, BWT, FWT (×100, mean ± std over seeds),
+  95 % intervals of OP, BWT and FWT over seeds and test examples and a mark against lora (:mod:`clbench.intervals`),
   and a cost table (added parameters, step time, inference latency, peak memory, order sensitivity);
 - (b) an annotated accuracy-matrix heatmap per method and order;
 - (c) OP vs added parameters (log x), (d) BWT per method with std error bars, (e) added parameters vs number of
@@ -27,8 +28,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clbench.intervals import NOTES
 from clbench.leaderboard import (
     GROUP_KEYS,
+    REFERENCE_METHOD,
+    SECTION_KEYS,
     SkippedRunWarning,
     check_conventions,
     flags_text,
@@ -37,6 +41,7 @@ from clbench.leaderboard import (
     leaderboard_from_runs,
     load_runs,
 )
+from clbench.provenance import hardware_class
 
 SCALE = 100.0  # scores are stored on a 0-1 scale; TRACE's tables print them ×100
 DPI = 200  # ≥ 150 so that figures stay sharp when a paper scales them to a column
@@ -129,18 +134,21 @@ class Section:
     model: str
     n_tasks: int
     data_digest: str
+    hardware_class: str
     entries: list[Entry]
 
     @property
     def title(self) -> str:
         """Heading text."""
         data = f", data {self.data_digest}" if self.data_digest else ""
-        return f"{self.benchmark} · model {self.model} · {self.n_tasks} tasks{data}"
+        return f"{self.benchmark} · model {self.model} · {self.n_tasks} tasks{data} · hardware {self.hardware_class}"
 
     @property
     def slug(self) -> str:
-        """File-system-safe name for the section's figure folder."""
+        """File-system-safe name for the section's figure folder (runs without recorded hardware keep the old name)."""
         text = f"{self.benchmark}-{Path(str(self.model)).name}-{self.n_tasks}tasks-{self.data_digest}"
+        if self.hardware_class != "unknown":
+            text += f"-{self.hardware_class}"
         return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
     @property
@@ -197,7 +205,7 @@ def build_sections(runs: list[dict[str, Any]], bwt_conventions: list[str] | None
     for _, row in table.iterrows():
         row_d = row.to_dict()
         members = sorted(by_key[_norm_key(tuple(row_d[k] for k in GROUP_KEYS))], key=lambda r: str(r["seed"]))
-        skey = (row_d["benchmark"], row_d["model"], row_d["n_tasks"], row_d["data_manifest_digest"])
+        skey = tuple(row_d[k] for k in SECTION_KEYS)
         section = sections.setdefault(skey, Section(*skey, entries=[]))
         section.entries.append(Entry(row_d, members, label=""))
     for section in sections.values():
@@ -209,7 +217,8 @@ def build_sections(runs: list[dict[str, Any]], bwt_conventions: list[str] | None
             # several settings of one method in a section need telling apart: add the setup hash
             setup = f" @{e.row['setup']}" if per_method[e.method] > 1 else ""
             e.label = f"{e.method}{marks}{setup}"
-    return sorted(sections.values(), key=lambda s: (str(s.benchmark), str(s.model), s.n_tasks, str(s.data_digest)))
+    return sorted(sections.values(), key=lambda s: (str(s.benchmark), str(s.model), s.n_tasks, str(s.data_digest),
+                                                    str(s.hardware_class)))
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------
@@ -520,6 +529,23 @@ def plot_latency_vs_op(section: Section, colours: dict[str, str], path: Path) ->
     return _save(fig, path)
 
 
+def has_general(section: Section) -> bool:
+    """True when any entry of the section ran --general (has a mean general-ability delta)."""
+    return any(pd.notna(e.row.get("general_delta", np.nan)) for e in section.entries)
+
+
+def plot_general_vs_op(section: Section, colours: dict[str, str], path: Path) -> Path:
+    """(h) OP against the mean general-ability delta (--general, after the last task − before the first): TRACE's
+    trade-off between learning the tasks and keeping general ability."""
+    fig = _figure(7.6, 4.4)
+    ax = fig.add_subplot()
+    _scatter_op(ax, section, colours, "general_delta")
+    ax.axvline(0.0, color="grey", linewidth=1, linestyle=":")
+    ax.set_xlabel("mean general-ability delta (lm-eval scores on a 0-1 scale; < 0 = general ability lost)")
+    ax.set_title(f"Overall performance vs general-ability delta\n{section.title}")
+    return _save(fig, path)
+
+
 # ---- markdown --------------------------------------------------------------------------------------------------
 
 
@@ -538,15 +564,36 @@ def _pm(mean: Any, std: Any) -> str:
     return fmt_mean_std(mean, std, scale=SCALE, digits=1)
 
 
+# superscripts on an interval cell saying what it does not cover or borrows (codes of clbench.intervals.NOTES)
+CI_MARKS = {"pooled": "ᵖ", "no-seed-var": "ˢ", "no-test-var": "ᵗ"}
+CI_NOTE = ("95 % CI: interval over seeds and test examples (docs/uncertainty.md); "
+           + "; ".join(f"{CI_MARKS[c]} {NOTES[c]}" for c in CI_MARKS)
+           + f". vs {REFERENCE_METHOD}: paired difference from {REFERENCE_METHOD} in the same order, + higher (better "
+           "for all three), − lower, ≈ not distinguishable (its 95 % interval contains 0)")
+
+
+def _ci(row: dict[str, Any], metric: str) -> str:
+    """``[low, high]`` ×100 of a row's metric with its marks; ``no CI`` / ``n/a`` when undefined."""
+    mean, low, high = (row.get(f"{metric}_{k}") for k in ("mean", "ci_low", "ci_high"))
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    marks = "".join(CI_MARKS.get(c, "") for c in str(row.get("ci_flags") or "").split())
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"no CI{marks}"
+    return f"[{low * SCALE:.1f}, {high * SCALE:.1f}]{marks}"
+
+
 def leaderboard_markdown(section: Section, conventions: list[str]) -> str:
-    """(a) TRACE-style table: per-task final score R[T, j], OP, BWT, FWT (×100, mean ± std over seeds).
+    """(a) TRACE-style table: per-task final score R[T, j], OP, BWT, FWT (×100, mean ± std over seeds), then the
+    95 % intervals of OP, BWT, FWT (:mod:`clbench.intervals`) and the mark against lora (see :data:`CI_NOTE`).
 
     The best OP of each order among the continual-learning methods (references excluded) is bold.
     """
     tasks = section.task_columns
     multi_order = len(section.orders) > 1
     header = ["Method", *(["Order"] if multi_order else []), "Seeds", *tasks, "OP", "BWT", "FWT",
-              *[f"BWT ({c})" for c in conventions]]
+              *[f"BWT ({c})" for c in conventions], "OP 95 % CI", "BWT 95 % CI", "FWT 95 % CI",
+              f"vs {REFERENCE_METHOD}"]
     best: dict[Any, float] = {}
     for e in section.entries:
         op = e.row.get("OP_mean")
@@ -570,7 +617,9 @@ def leaderboard_markdown(section: Section, conventions: list[str]) -> str:
             op = f"**{op}**"
         rows.append([e.label, *([e.order] if multi_order else []), e.row["n_seeds"], *per_task, op,
                      _pm(e.row.get("BWT_mean"), e.row.get("BWT_std")), _pm(e.row.get("FWT_mean"), e.row.get("FWT_std")),
-                     *[_pm(e.row.get(f"BWT[{c}]_mean"), e.row.get(f"BWT[{c}]_std")) for c in conventions]])
+                     *[_pm(e.row.get(f"BWT[{c}]_mean"), e.row.get(f"BWT[{c}]_std")) for c in conventions],
+                     *[_ci(e.row, m) for m in ("OP", "BWT", "FWT")],
+                     e.row.get(f"vs_{REFERENCE_METHOD}") or ("—" if e.method == REFERENCE_METHOD else "")])
     align = ["---"] + ["---:"] * (len(header) - 1)
     return _md_table(header, rows, align)
 
@@ -662,8 +711,11 @@ def write_report(paths: list[str | Path], out: str | Path, bwt_conventions: list
             fig_dir = figures / section.slug
             md += [f'<a id="section-{i + 1}"></a>', "", f"## {section.title}", ""]
             md += ["### Leaderboard (TRACE style)", "",
-                   "Final score on each task after the last task (R[T, j]), then OP, BWT, FWT. Bold: best OP of "
-                   "the continual-learning methods in each order.", "", leaderboard_markdown(section, conventions), ""]
+                   "Final score on each task after the last task (R[T, j]), then OP, BWT, FWT (mean ± std over "
+                   f"seeds, TRACE's style: seed spread only). {CI_NOTE}. Bold: best mean OP of the continual-learning "
+                   "methods in each order (a point estimate: it ranks two rows apart only where their intervals "
+                   "do).", "",
+                   leaderboard_markdown(section, conventions), ""]
             md += ["### Cost", "", "Added parameters are after the last task; step time, latency and memory are means "
                    "over seeds (take speed ratios from `clbench bench`, which times all methods on the same "
                    "batches). OP order spread = max − min OP over the task orders that ran.", "",
@@ -681,6 +733,10 @@ def write_report(paths: list[str | Path], out: str | Path, bwt_conventions: list
                                f"Order {order}: score on each task after every training stage (forgetting curves)."))
             md.append(link(plot_latency_vs_op(section, colours, fig_dir / "latency_vs_op.png"),
                            "Inference latency (ms per test example) vs OP; up and left is better."))
+            if has_general(section):
+                md.append(link(plot_general_vs_op(section, colours, fig_dir / "general_vs_op.png"),
+                               "OP vs mean general-ability delta (--general suite, after the last task minus before "
+                               "the first); up and right is better."))
             md += ["### Accuracy matrices", ""]
             for e in section.entries:
                 slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{e.method}-order{e.order}-{e.row['setup']}")
@@ -701,12 +757,21 @@ def _provenance(runs: list[dict[str, Any]], skipped: list[str]) -> list[str]:
     ordered = sorted(runs, key=lambda r: (str(r["benchmark"]), str(r["model"]), str(r["method"]),
                                           _order_sort(r["order"]), str(r["seed"])))
     rows = [[f"`{_relative(r['run_dir'])}`", r["method"], r["benchmark"], r["order"], r["seed"], r["model"],
-             r.get("device") or "", _num(r.get("wall_time_s"), ".1f"), (r.get("versions") or {}).get("clbench", ""),
-             r.get("git_commit") or ""] for r in ordered]
-    md += [_md_table(["Run folder", "Method", "Benchmark", "Order", "Seed", "Model", "Device", "Wall time (s)",
-                      "clbench", "Commit"], rows), ""]
+             r.get("device") or "", hardware_class(r.get("hardware")), _num(r.get("wall_time_s"), ".1f"),
+             (r.get("versions") or {}).get("clbench", ""), r.get("git_commit") or ""] for r in ordered]
+    md += [_md_table(["Run folder", "Method", "Benchmark", "Order", "Seed", "Model", "Device", "Hardware class",
+                      "Wall time (s)", "clbench", "Commit"], rows), ""]
     devices = Counter(str(r.get("device") or "unknown") for r in runs)
     md += ["## Hardware", ""] + [f"- {d}: {n} run{'s' if n > 1 else ''}" for d, n in sorted(devices.items())] + [""]
+    # the class is what sections are split by; the CPU model and thread count say which machine within it
+    classes = Counter((hardware_class(r.get("hardware")), (r.get("hardware") or {}).get("cpu_model"),
+                       (r.get("hardware") or {}).get("torch_threads")) for r in runs)
+    md += ["Hardware classes (runs of different classes are never averaged or compared; `unknown` = the run did "
+           "not record its hardware):", ""]
+    for (cls, cpu, threads), n in sorted(classes.items(), key=str):
+        detail = ", ".join(t for t in (cpu and str(cpu), threads and f"{threads} threads") if t)
+        md.append(f"- {cls}{f' ({detail})' if detail else ''}: {n} run{'s' if n > 1 else ''}")
+    md.append("")
     wall = sum(float(r.get("wall_time_s") or 0.0) for r in runs)
     train = sum(float(r.get("train_wall_time_s") or 0.0) for r in runs)
     md += ["## Total wall time", "", f"{_duration(wall)} over {len(runs)} runs (of which training {_duration(train)}; "

@@ -8,9 +8,13 @@ never leaves a half-written result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from filelock import FileLock, Timeout
 
 DONE = "DONE"
 
@@ -51,7 +56,15 @@ def _nan_to_none(obj: Any) -> Any:
 
 
 class RunConflictError(RuntimeError):
-    """The run folder already holds a run made with a different config."""
+    """The run folder already holds a run made with a different config, is busy, or cannot be resumed."""
+
+
+class RunBusyError(RunConflictError):
+    """Another process holds the run folder's lock."""
+
+
+LOCK = ".lock"
+OWNER = ".owner.json"
 
 
 class RunStore:
@@ -59,6 +72,36 @@ class RunStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    # ---- exclusive use ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's exclusive lock for the block; RunBusyError (naming the holder) if another process has it.
+
+        ``filelock`` takes an OS lock (flock on POSIX), so a process that dies releases it: a crashed run never leaves
+        a stale lock behind. The holder's pid, host and start time go into ``.owner.json`` so the refusal can name it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / LOCK), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunBusyError(f"{self.root} is busy: another clbench process writes to it ({self._holder()}); "
+                               f"wait for it to finish or pass another --out") from None
+        try:
+            atomic_write_json(self.root / OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            yield
+        finally:
+            (self.root / OWNER).unlink(missing_ok=True)
+            lock.release()
+
+    def _holder(self) -> str:
+        try:
+            owner = json.loads((self.root / OWNER).read_text())
+            return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
+        except (OSError, ValueError, KeyError):
+            return "holder unknown"
 
     # ---- config -----------------------------------------------------------------------------------------------
     def claim(self, resolved: dict[str, Any], write: bool = True) -> bool:
@@ -104,6 +147,24 @@ class RunStore:
             extra = {i: {"scores": rec.get("extra_scores", {}).get(name, {})} for i, rec in rows.items()}
             atomic_write_text(self.root / f"{name}.csv", matrix_frame(extra, task_names).to_csv(float_format="%.4f"))
 
+    # ---- general-ability rows (--general) ---------------------------------------------------------------------
+    def general_rows(self) -> dict[int, dict[str, Any]]:
+        """Stored general-ability stages by index (0 = before the first task, i = after the i-th task)."""
+        path = self.root / "general.json"
+        if not path.is_file():
+            return {}
+        return {int(k): v for k, v in json.loads(path.read_text())["rows"].items()}
+
+    def add_general_row(self, stage: int, record: dict[str, Any]) -> None:
+        """Record one stage's lm-eval scores (``label``, ``benchmarks``, ``scores``, ...) in ``general.json``, then
+        rewrite ``general.csv`` (rows = stages, columns = benchmark/metric), both atomically."""
+        rows = self.general_rows()
+        rows[stage] = record
+        atomic_write_json(self.root / "general.json", {"rows": {str(k): rows[k] for k in sorted(rows)}})
+        frame = pd.DataFrame([rows[k]["scores"] for k in sorted(rows)], index=[rows[k]["label"] for k in sorted(rows)])
+        frame.index.name = "stage"
+        atomic_write_text(self.root / "general.csv", frame.to_csv(float_format="%.4f"))
+
     def write_predictions(self, row: int, task: str, records: list[dict[str, str]]) -> None:
         """``predictions/after-<row>/<Task>.json``: list of {"prompt","answer","prediction"}."""
         atomic_write_json(self.root / "predictions" / f"after-{row}" / f"{task}.json", records)
@@ -128,7 +189,8 @@ class RunStore:
         """The checkpoint written after row ``row``."""
         path = self.root / "state" / f"after-{row}.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; the run cannot resume (delete {self.root} to start over)")
+            raise RunConflictError(f"{path} is missing, so the run cannot resume after row {row} "
+                                   f"(delete {self.root} to start over)")
         return torch.load(path, map_location="cpu", weights_only=True)
 
     # ---- finishing --------------------------------------------------------------------------------------------

@@ -256,3 +256,69 @@ def get_scorer(name: str) -> Scorer:
 def score(metric: str, predictions: Sequence[str], answers: Sequence[str], prompts: Sequence[str]) -> float:
     """``get_scorer(metric)(predictions, answers, prompts)``: a score in [0, 1]."""
     return get_scorer(metric)(predictions, answers, prompts)
+
+
+# ---------------------------------------------------------------- per-example scores (for bootstrap intervals)
+
+
+def _pair_scores(predictions: Sequence[str], answers: Sequence[str], pair_score: Callable[[str, str], float]
+                 ) -> list[float]:
+    """pair_score(p_i, a_i) for every pair, 0.0 where p_i or a_i is "" (the per-pair terms of _mean_over_pairs)."""
+    _check_lengths(predictions, answers)
+    return [pair_score(p, a) if p != "" and a != "" else 0.0 for p, a in zip(predictions, answers, strict=True)]
+
+
+def _example_accuracy(predictions: Sequence[str], answers: Sequence[str], prompts: Sequence[str] | None) -> list[float]:
+    return _pair_scores(predictions, answers, lambda p, a: 1.0 if p == a else 0.0)
+
+
+def _example_first_char(predictions: Sequence[str], answers: Sequence[str], prompts: Sequence[str] | None
+                        ) -> list[float]:
+    _check_lengths(predictions, answers)
+    return _example_accuracy([p[:1] for p in predictions], [a[:1] for a in answers], None)
+
+
+def _example_rouge_l(predictions: Sequence[str], answers: Sequence[str], prompts: Sequence[str] | None) -> list[float]:
+    return _pair_scores(predictions, answers, _rouge_l_pair)
+
+
+def _example_edit_similarity(predictions: Sequence[str], answers: Sequence[str], prompts: Sequence[str] | None
+                             ) -> list[float]:
+    _check_lengths(predictions, answers)
+    posts = [postprocess_code(p) for p in predictions]
+    golds = [postprocess_code(a) for a in answers]
+    return [r / 100 for r in _pair_scores(posts, golds, fuzz_ratio)]
+
+
+def _example_sari(predictions: Sequence[str], answers: Sequence[str], prompts: Sequence[str] | None) -> list[float]:
+    _check_lengths(predictions, answers)
+    if prompts is None or len(prompts) != len(predictions):
+        got = "no prompts" if prompts is None else f"{len(prompts)} prompts"
+        raise ValueError(f"sari needs one prompt (source) per prediction: got {got} for {len(predictions)} predictions")
+    return [sari_sentence(src, pred, [ref]) for src, pred, ref in zip(prompts, predictions, answers, strict=True)]
+
+
+EXAMPLE_SCORERS: dict[str, Callable[[Sequence[str], Sequence[str], Sequence[str] | None], list[float]]] = {
+    "accuracy": _example_accuracy,
+    "first_char_accuracy": _example_first_char,
+    "rouge_l": _example_rouge_l,
+    "edit_similarity": _example_edit_similarity,
+    "sari": _example_sari,
+}
+
+
+def example_scores(metric: str, predictions: Sequence[str], answers: Sequence[str],
+                   prompts: Sequence[str] | None) -> list[float]:
+    """The per-example terms x_i of ``score(metric, ...)``, so that mean(x) == score(...) (up to float rounding).
+
+    Every TRACE scorer here is a mean over examples, score = (1/n) Σ_i x_i:
+    accuracy / first-character accuracy x_i ∈ {0, 1}; ROUGE-L x_i = F_lcs(a_i, p_i); edit similarity
+    x_i = fuzz_ratio(post(p_i), post(a_i)) / 100; with x_i = 0 for a pair whose prediction or answer is "" (the pair
+    still counts in n). SARI is no exception: HF's ``sari`` script, which TRACE calls, averages the sentence-level
+    SARIsent over examples (it has no corpus-level n-gram pooling), so x_i = ``sari_sentence(prompt_i, p_i, [a_i])``
+    and a resample of examples is re-scored exactly by averaging the resampled x_i. That is what makes a bootstrap
+    over test examples cheap: resampling never calls a scorer again. Empty input -> [].
+    """
+    if metric not in EXAMPLE_SCORERS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(EXAMPLE_SCORERS)}")
+    return EXAMPLE_SCORERS[metric](predictions, answers, prompts)
