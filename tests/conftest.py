@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def crash_in_begin_task(method: str, at: int) -> Iterator[None]:
+    """Inside the block, method ``method``'s public ``begin_task`` raises KeyboardInterrupt at task ``at`` (a Ctrl-C
+    or a kill mid-run, where a user's crash would land); the class is restored on exit."""
+    from clbench.registry import get_method
+
+    cls = get_method(method)
+    original = cls.begin_task
+
+    def crash(self, t, task):
+        if t == at:
+            raise KeyboardInterrupt
+        return original(self, t, task)
+
+    cls.begin_task = crash
+    try:
+        yield
+    finally:
+        cls.begin_task = original

@@ -358,20 +358,22 @@ def test_resume_after_crash_gives_the_same_R(tmp_path, trace_dir, monkeypatch):
     """If this fails, a MoSEs run killed mid-way resumes with different masks, experts or keys than it had, so the
     resumed R differs from an uninterrupted run's."""
     from clbench.harness import Harness
+    from clbench.registry import get_method
 
     full = Harness(tiny_run(tmp_path, trace_dir, method="moses", out=str(tmp_path / "full"))).run()
     crashed = tiny_run(tmp_path, trace_dir, method="moses", out=str(tmp_path / "crash"))
-    original_fit = Harness._fit
+    moses = get_method("moses")
+    original_begin = moses.begin_task
 
-    def crash_on_second_task(self, method, t):
+    def crash_on_second_task(self, t, task):  # the crash hits the method's public hook, as a Ctrl-C would
         if t == 1:
             raise KeyboardInterrupt
-        return original_fit(self, method, t)
+        return original_begin(self, t, task)
 
-    monkeypatch.setattr(Harness, "_fit", crash_on_second_task)
+    monkeypatch.setattr(moses, "begin_task", crash_on_second_task)
     with pytest.raises(KeyboardInterrupt):
         Harness(crashed).run()
-    monkeypatch.setattr(Harness, "_fit", original_fit)
+    monkeypatch.setattr(moses, "begin_task", original_begin)
     resumed = Harness(crashed).run()
     for name in ("R.csv", "task_id_accuracy.csv", "expert_usage.csv", "param_growth.csv"):
         assert (full / name).read_text() == (resumed / name).read_text(), name

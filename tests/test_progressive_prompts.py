@@ -9,7 +9,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import crash_in_begin_task, tiny_run
 from torch.utils.data import DataLoader
 
 from clbench.benchmark import Collator, Task, TaskSpec
@@ -173,17 +173,8 @@ def test_resume_after_crash_gives_identical_predictions(tmp_path, trace_dir, mon
     settings = dict(method=NAME, max_steps_per_task=2)
     full = Harness(tiny_run(tmp_path, trace_dir, out=str(tmp_path / "full"), **settings), knobs).run()
     crashed = tiny_run(tmp_path, trace_dir, out=str(tmp_path / "crash"), **settings)
-    original_fit = Harness._fit
-
-    def crash_on_second_task(self, method, t):
-        if t == 1:
-            raise KeyboardInterrupt
-        return original_fit(self, method, t)
-
-    monkeypatch.setattr(Harness, "_fit", crash_on_second_task)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_in_begin_task(NAME, at=1), pytest.raises(KeyboardInterrupt):
         Harness(crashed, knobs).run()
-    monkeypatch.setattr(Harness, "_fit", original_fit)
     resumed = Harness(crashed, knobs).run()
     assert (full / "R.csv").read_text() == (resumed / "R.csv").read_text()
     for task in ("C-STANCE", "FOMC"):

@@ -32,12 +32,16 @@ def test_mtl_trains_once_on_all_tasks_and_is_flagged_joint(tmp_path, trace_dir):
     as joint training, and the leaderboard would rank it next to the CL methods as if it were one."""
     from clbench.harness import Harness
     from clbench.leaderboard import build_leaderboard
+    from clbench.registry import get_method
 
     fits = []
-    original = Harness._fit
-    run = Harness(tiny_run(tmp_path, trace_dir, method="mtl"))
-    run._fit = lambda method, t: (fits.append(t), original(run, method, t))[1]
-    run_dir = run.run()
+    mtl = get_method("mtl")
+    original = mtl.begin_task
+    mtl.begin_task = lambda self, t, task: (fits.append(t), original(self, t, task))[1]
+    try:
+        run_dir = Harness(tiny_run(tmp_path, trace_dir, method="mtl")).run()
+    finally:
+        mtl.begin_task = original
     assert fits == [1]  # one stage, t = T - 1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["joint_training"] is True and metrics["task_aware"] is False

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_predictions, tiny_run
+from conftest import crash_in_begin_task, run_predictions, tiny_run
 from torch.utils.data import DataLoader
 
 from clbench.benchmark import Collator, Task, TaskSpec
@@ -265,17 +265,8 @@ def test_seta_run_resumes_with_identical_predictions_and_reports_gate_drift(tmp_
         return tiny_run(tmp_path, trace_dir, method="seta", out=str(tmp_path / name), seed=3, zero_shot=False)
 
     full = Harness(cfg("full")).run()
-    original_fit = Harness._fit
-
-    def crash_on_second_task(self, method, t):
-        if t == 1:
-            raise KeyboardInterrupt
-        return original_fit(self, method, t)
-
-    monkeypatch.setattr(Harness, "_fit", crash_on_second_task)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_in_begin_task("seta", at=1), pytest.raises(KeyboardInterrupt):
         Harness(cfg("crash")).run()
-    monkeypatch.setattr(Harness, "_fit", original_fit)
     resumed = Harness(cfg("crash")).run()
     assert run_predictions(resumed) == run_predictions(full)
     final_full = torch.load(full / "state" / "after-2.pt", weights_only=True)

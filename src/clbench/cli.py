@@ -36,8 +36,8 @@ def fail(message: str) -> None:
 
 @app.command()
 def run(
-    method: Annotated[str | None, typer.Option(help="method name (see `clbench list`) [default: lora]")] = None,
-    benchmark: Annotated[str | None, typer.Option(help="benchmark name (see `clbench list`) [default: trace-mini]")]
+    method: Annotated[str | None, typer.Option(help="method name (see `clbench list`; default lora)")] = None,
+    benchmark: Annotated[str | None, typer.Option(help="benchmark name (see `clbench list`; default trace-mini)")]
     = None,
     order: Annotated[int | None, typer.Option(help="task order (TRACE numbers them 1 and 2)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
@@ -46,8 +46,8 @@ def run(
     data_dir: Annotated[str | None, typer.Option(help="benchmark data folder <Task>/{train,eval,test}.json")] = None,
     out: Annotated[str | None, typer.Option(help="run folder (default: runs/<bench>/<method>/<model>/"
                                                  "order<N>-seed<S>-<config hash>)")] = None,
-    results_dir: Annotated[str | None, typer.Option(help="parent of the default run folders [default: runs; the "
-                                                         "committed reference runs use results/runs]")] = None,
+    results_dir: Annotated[str | None, typer.Option(help="parent of the default run folders (default runs; the "
+                                                         "committed reference runs use results/runs)")] = None,
     config: Annotated[str | None, typer.Option(help="YAML with run keys and a method_config: mapping")] = None,
     hardware: Annotated[str | None, typer.Option(help="hardware profile from configs/hardware/")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="method knob key=value (repeatable)")] = None,
@@ -146,8 +146,8 @@ def list_() -> None:
 
 @app.command()
 def leaderboard(
-    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them [default: runs; the "
-                                                          "committed reference runs: results/runs]")] = None,
+    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them (default runs; the "
+                                                          "committed reference runs: results/runs)")] = None,
     out: Annotated[str, typer.Option(help="CSV to write (make results writes results/leaderboard.csv)")]
     = "runs/leaderboard.csv",
     bwt_convention: Annotated[list[str] | None, typer.Option(help="also show: clipped, max-drop")] = None,
@@ -168,8 +168,8 @@ def leaderboard(
 
 @app.command()
 def report(
-    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them [default: runs; the "
-                                                          "committed reference runs: results/runs]")] = None,
+    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them (default runs; the "
+                                                          "committed reference runs: results/runs)")] = None,
     out: Annotated[str, typer.Option(help="folder for report.md and figures/ (make results writes results/report)")]
     = "runs/report",
     bwt_convention: Annotated[list[str] | None, typer.Option(help="also show: clipped, max-drop")] = None,

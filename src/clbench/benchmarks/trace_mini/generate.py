@@ -96,23 +96,25 @@ CSTANCE_TARGETS = (  # (Chinese, English)
 )
 
 # Several cues per class (five per language), so the task is graded rather than one keyword per class that flips
-# all-or-nothing; some words cross classes (看好 in A 很看好 and B 不看好, 不 in B and C, "idea" in A and B, "I really"
-# in A and B). A sixth of the comments first give the opposite view of another target, so the clause about the asked
-# target decides (it always comes last). The first redesign (six cues per class, negated cues such as 我不支持 and
-# "I do not support" in B, a third with a contrast clause) left SmolLM2-135M at the constant-answer level after 50
-# LoRA steps (0.31, single-task, lr 1e-3); this one is measured in the README.
+# all-or-nothing. Three of each class's five cues carry the menu's own word (支持 / 反对 / 中立, or support / against /
+# neutral), which SmolLM2 picks up within 50 steps; the other two must be learned (很看好, 坚决抵制, 观望; "is a good
+# idea", "reject", "unsure"), and some words cross classes (好 in A 很看好 and B 不好, 不 in B and C, "idea" in A
+# and B). A sixth of the comments first give the opposite view of another target, so the clause about the
+# asked target decides (it always comes last). Measured (README): the first redesign, whose cues avoided the menu
+# words and added negated ones (我不支持 in B), left SmolLM2-135M at the constant answer (0.31 after 50 single-task
+# LoRA steps, lr 1e-3), and so did a version with five such cues per class and a sixth with a contrast (0.33).
 CSTANCE_ZH = {
-    "A": ("我支持{t}", "我赞成{t}", "很看好{t}", "为{t}点赞", "双手赞成{t}"),
-    "B": ("我反对{t}", "坚决抵制{t}", "不看好{t}", "受不了{t}", "{t}弊大于利"),
-    "C": ("对{t}保持中立", "对{t}持观望态度", "{t}不好说", "对{t}还没想好", "{t}再看看吧"),
+    "A": ("我支持{t}", "{t}值得支持", "支持{t}，利大于弊", "很看好{t}", "为{t}点赞"),
+    "B": ("我反对{t}", "{t}不好，反对", "坚决反对{t}", "坚决抵制{t}", "{t}弊大于利"),
+    "C": ("对{t}保持中立", "中立，{t}不好说", "对{t}态度中立", "对{t}持观望态度", "{t}再看看吧"),
 }
 CSTANCE_ZH_OPEN = ("", "说实话，", "个人觉得，", "今天聊聊：")
 
 CSTANCE_EN = {  # the target is always an object, so singular and plural targets both read well
-    "A": ("I support {t}", "I am in favor of {t}", "{t} is a good idea", "I welcome {t}", "I really like {t}"),
-    "B": ("I oppose {t}", "I am against {t}", "{t} is a bad idea", "I reject {t}", "I really dislike {t}"),
-    "C": ("I am neutral on {t}", "I am unsure about {t}", "I have not decided on {t}", "I have no opinion on {t}",
-          "I can see both sides of {t}"),
+    "A": ("I support {t}", "big support for {t}", "I fully support {t}", "{t} is a good idea", "I welcome {t}"),
+    "B": ("I am against {t}", "I am firmly against {t}", "I vote against {t}", "{t} is a bad idea", "I reject {t}"),
+    "C": ("I am neutral on {t}", "I feel neutral about {t}", "I stay neutral on {t}", "I am unsure about {t}",
+          "I have no opinion on {t}"),
 }
 CSTANCE_EN_OPEN = ("", "Honestly, ", "Well, ", "Update: ")
 CSTANCE_CONTRAST = 1 / 6  # share of comments that open with another target's (different) stance
