@@ -95,29 +95,31 @@ CSTANCE_TARGETS = (  # (Chinese, English)
     ("城市绿道", "city greenways"),
 )
 
-# Several cues per class (five per language), so the task is graded rather than one keyword per class that flips
-# all-or-nothing. Three of each class's five cues carry the menu's own word (支持 / 反对 / 中立, or support / against /
-# neutral), which SmolLM2 picks up within 50 steps; the other two must be learned (很看好, 坚决抵制, 观望; "is a good
-# idea", "reject", "unsure"), and some words cross classes (好 in A 很看好 and B 不好, 不 in B and C, "idea" in A
-# and B). A sixth of the comments first give the opposite view of another target, so the clause about the
-# asked target decides (it always comes last). Measured (README): the first redesign, whose cues avoided the menu
-# words and added negated ones (我不支持 in B), left SmolLM2-135M at the constant answer (0.31 after 50 single-task
-# LoRA steps, lr 1e-3), and so did a version with five such cues per class and a sixth with a contrast (0.33).
+# Six cues per class and language, most carrying the menu's own word (支持 / 反对 / 中立, support / oppose / neutral)
+# and some not (抵制, 观望, "against", "unsure"). Measured (single task, 50 LoRA steps, lr 1e-3; README): two redesigns
+# that made the cues harder stayed at the constant answer, 0.31 and 0.33 (five or six cues per class avoiding the menu
+# words, negated cues such as 我不支持 in B, a sixth to a third of the comments opening with another target's opposite
+# stance), and so did one with three menu-word cues of five plus that contrast (0.33). So C-STANCE keeps these
+# cues and no contrast clause; its 100 test examples make it graded (one example = 1 point). CSTANCE_CONTRAST stays
+# a knob of the generator.
 CSTANCE_ZH = {
-    "A": ("我支持{t}", "{t}值得支持", "支持{t}，利大于弊", "很看好{t}", "为{t}点赞"),
-    "B": ("我反对{t}", "{t}不好，反对", "坚决反对{t}", "坚决抵制{t}", "{t}弊大于利"),
-    "C": ("对{t}保持中立", "中立，{t}不好说", "对{t}态度中立", "对{t}持观望态度", "{t}再看看吧"),
+    "A": ("我支持{t}。", "强烈支持{t}！", "{t}很好，支持。", "我赞成{t}。", "支持{t}，利大于弊。", "完全赞成{t}。"),
+    "B": ("我反对{t}。", "坚决反对{t}！", "{t}不好，反对。", "我抵制{t}。", "反对{t}，弊大于利。", "坚决抵制{t}。"),
+    "C": ("我对{t}保持中立。", "{t}有利有弊，中立。", "对{t}持观望态度。", "{t}先观望吧。", "对{t}中立，再看看。",
+          "{t}还在观望。"),
 }
 CSTANCE_ZH_OPEN = ("", "说实话，", "个人觉得，", "今天聊聊：")
 
 CSTANCE_EN = {  # the target is always an object, so singular and plural targets both read well
-    "A": ("I support {t}", "big support for {t}", "I fully support {t}", "{t} is a good idea", "I welcome {t}"),
-    "B": ("I am against {t}", "I am firmly against {t}", "I vote against {t}", "{t} is a bad idea", "I reject {t}"),
-    "C": ("I am neutral on {t}", "I feel neutral about {t}", "I stay neutral on {t}", "I am unsure about {t}",
-          "I have no opinion on {t}"),
+    "A": ("I support {t}.", "I fully support {t}.", "Big support for {t}!", "Yes, I support {t}.",
+          "I strongly support {t}.", "We should support {t}."),
+    "B": ("I oppose {t}.", "I strongly oppose {t}.", "I am against {t}.", "We must oppose {t}!",
+          "Totally against {t}.", "I firmly oppose {t}."),
+    "C": ("I am neutral on {t}.", "Neutral on {t} for now.", "Unsure about {t} yet.", "I stay neutral about {t}.",
+          "Still unsure about {t}.", "I feel neutral about {t}."),
 }
 CSTANCE_EN_OPEN = ("", "Honestly, ", "Well, ", "Update: ")
-CSTANCE_CONTRAST = 1 / 6  # share of comments that open with another target's (different) stance
+CSTANCE_CONTRAST = 0.0  # share of comments that open with another target's (different) stance (see above)
 
 
 def _cap(text: str) -> str:
@@ -133,13 +135,14 @@ def make_cstance(rng: random.Random, label: str) -> tuple[str, str]:
     if rng.random() < CSTANCE_CONTRAST:
         other_label = _pick(rng, [c for c in "ABC" if c != label])
         first = _pick(rng, clauses[other_label]).format(t=other)
+        first = first.rstrip("。！.!")
         body = f"{first}，但{main}" if chinese else f"{_cap(first)}, but {main}"
     else:
         body = main if chinese else _cap(main)
     start = _pick(rng, opener)
     if start and not chinese and not body.startswith("I "):
         body = body[0].lower() + body[1:]
-    text = start + body + ("。" if chinese else ".")
+    text = start + body + ("" if body.endswith(("。", "！", ".", "!")) else "。" if chinese else ".")
     return CSTANCE_PROMPT.format(text=text, target=target), label
 
 
