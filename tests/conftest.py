@@ -96,3 +96,22 @@ def crash_in_begin_task(method: str, at: int) -> Iterator[None]:
         yield
     finally:
         cls.begin_task = original
+
+
+def fit_task(method, t: int, task, steps: int = 3) -> None:
+    """begin_task / a Lightning fit of ``steps`` steps / end_task on ``task``'s training split, as the harness does."""
+    import warnings
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from clbench.benchmark import Collator
+
+    method.begin_task(t, task)
+    loader = DataLoader(task.train, batch_size=4, collate_fn=Collator(method.tokenizer, 64, 16, train=True))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, precision="32-true")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(method, loader)
+    method.end_task(t, task)

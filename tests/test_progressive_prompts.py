@@ -3,13 +3,10 @@ generation, TRACE's labelled options, bad knobs, and a harness run that resumes 
 
 from __future__ import annotations
 
-import warnings
-
 import lightning as L
 import pytest
 import torch
-from conftest import crash_in_begin_task, run_predictions, tiny_run
-from torch.utils.data import DataLoader
+from conftest import crash_in_begin_task, fit_task, run_predictions, tiny_run
 
 from clbench.benchmark import Collator, Task, TaskSpec
 
@@ -37,16 +34,8 @@ def _method(num_tasks: int = 3, **knobs):
 
 
 def _fit(method, t: int, steps: int = 3) -> None:
-    """begin_task / Lightning fit / end_task, as the harness does."""
-    task = TASKS[t]
-    method.begin_task(t, task)
-    loader = DataLoader(task.train, batch_size=4, collate_fn=Collator(method.tokenizer, 64, 16, train=True))
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, precision="32-true")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(method, loader)
-    method.end_task(t, task)
+    """begin_task / Lightning fit / end_task on TASKS[t], as the harness does."""
+    fit_task(method, t, TASKS[t], steps)
 
 
 def _generation_batch(method, prompts: list[str]) -> dict[str, torch.Tensor]:
