@@ -171,3 +171,96 @@ def test_every_method_yaml_lists_exactly_its_knobs():
     for name, cls in bundled.items():
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         assert set(method_defaults(name)) == fields, name
+
+
+def command_options(name: str) -> dict[str, object]:
+    """The options of `clbench NAME` by parameter name, as click parses them (the generated ones included)."""
+    import typer
+
+    group = typer.main.get_command(app)
+    command = group.commands[name]
+    ctx = command.make_context(name, ["--help"], resilient_parsing=True)
+    return {p.name: p for p in command.get_params(ctx)}
+
+
+def test_every_run_config_field_is_a_run_option_with_help():
+    """If this fails, a RunConfig field cannot be set on the `clbench run` command line or its --help says nothing
+    about it (the options are generated from the dataclass: clbench.cli_options)."""
+    import dataclasses
+
+    from clbench.run_config import RunConfig
+
+    options = command_options("run")
+    for f in dataclasses.fields(RunConfig):
+        assert f.name in options, f.name
+        assert options[f.name].help, f.name
+    spellings = {opt for p in options.values() for opt in p.opts}
+    assert {"--no-zero-shot", "--oracle-task-id", "--no-progress", "--general-every-task", "--micro-batch-size",
+            "--batch-size", "--set", "-s", "--config", "--hardware", "--num-nodes"} <= spellings
+
+
+def test_run_flags_arrive_as_field_values_over_the_yaml_and_the_profile(tmp_path, monkeypatch):
+    """If this fails, a `clbench run` flag is lost or spelled into the wrong value, or an option the user did not
+    give overrides the run YAML / hardware profile with its default (defaults < profile < --config < flags)."""
+    import clbench.harness
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, cfg, method_cfg):
+            seen["cfg"], seen["method_cfg"] = cfg, method_cfg
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(clbench.harness, "Harness", Recorder)
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("batch_size: 3\nprecision: 32-true\nmethod_config:\n  r: 4\n")
+    result = invoke("run", "--config", str(yaml_path), "--hardware", "8xgpu-node", "--no-zero-shot",
+                    "--oracle-task-id", "--no-progress", "--general", "general-mini", "--general-every-task",
+                    "--max-prompt-len", "64", "-s", "alpha=8")
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.zero_shot, cfg.oracle_task_id, cfg.progress, cfg.general_every_task) == (False, True, False, True)
+    assert cfg.max_prompt_len == 64 and cfg.general == "general-mini"
+    assert cfg.batch_size == 3 and cfg.precision == "32-true"  # the YAML's, not the options' defaults
+    assert cfg.devices == 8 and cfg.accumulate_grad_batches == 4  # the profile's
+    assert cfg.method == "lora" and cfg.gradient_clip_val == 1.0  # built-in defaults
+    assert seen["method_cfg"] == {"r": 4, "alpha": 8}
+    result = invoke("run", "--config", str(yaml_path), "--micro-batch-size", "8", "--precision", "bf16-mixed")
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].batch_size == 8 and seen["cfg"].precision == "bf16-mixed"  # given = default still wins
+
+
+def test_every_bench_config_field_is_a_bench_option_and_the_cli_starts_without_torch(monkeypatch):
+    """If this fails, a BenchConfig field cannot be set with `clbench bench` (or has no --help), a given option
+    does not reach BenchConfig, or building the CLI imports clbench.bench (torch: every `clbench` call would wait)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    check = ("import sys, typer; from clbench.cli import app; typer.main.get_command(app); "
+             "sys.exit('clbench.bench' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", check], timeout=120).returncode == 0
+
+    import clbench.bench
+    from clbench.config import ConfigError
+
+    options = command_options("bench")
+    for f in dataclasses.fields(clbench.bench.BenchConfig):
+        if f.metadata.get("cli", True):
+            assert f.name in options and options[f.name].help, f.name
+        else:
+            assert f.name not in options, f.name
+    seen = {}
+
+    def fake_run_bench(cfg, log):
+        seen["cfg"] = cfg
+        raise ConfigError("stopped")
+
+    monkeypatch.setattr(clbench.bench, "run_bench", fake_run_bench)
+    assert error_line(invoke("bench", "--methods", "lora, hi=lora", "--seed", "3", "--clip", "0.5", "--set",
+                             "hi.r=2")) == "error: stopped"
+    cfg = seen["cfg"]
+    assert (cfg.methods, cfg.seed, cfg.clip, cfg.overrides) == (["lora", "hi=lora"], 3, 0.5, {"hi": {"r": 2}})
+    assert (cfg.steps, cfg.out) == (10, "runs/bench")

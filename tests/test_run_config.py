@@ -70,3 +70,17 @@ def test_out_of_range_numbers_are_one_config_error(tmp_path, key, value):
     """If this fails, `--max-steps-per-task -3` ends in Lightning's MisconfigurationException traceback."""
     with pytest.raises(ConfigError, match=key):
         load_run_config(None, {**NO_FLAGS, key: value})
+
+
+def test_identity_roles_are_read_from_the_fields():
+    """If this fails, which RunConfig fields make a run's identity changed (every published run folder's hash and
+    leaderboard grouping with it), or it is said somewhere other than each field's ``setting(identity=, scores=)``."""
+    from clbench.config import config_identity
+    from clbench.run_config import IDENTITY_IF_SET, NOT_IDENTITY, NOT_SCORES
+
+    assert NOT_IDENTITY == {"out", "results_dir", "progress", "stop_after"}
+    assert NOT_SCORES == {"eval_rows", "general", "general_every_task"}
+    assert IDENTITY_IF_SET == {"frozen_dtype", "score_split", "eval_rows", "general", "general_every_task"}
+    assert not hasattr(RunConfig, "identity_if_set")  # no second list beside the fields' metadata
+    assert IDENTITY_IF_SET.isdisjoint(config_identity(RunConfig()))
+    assert config_identity(RunConfig(eval_rows="needed"))["eval_rows"] == "needed"

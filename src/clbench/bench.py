@@ -52,25 +52,32 @@ COLUMNS = ["method", "trainable_params", "train_step_ms", "train_step_ms_min", "
 class BenchConfig:
     """Settings of one benchmark (every field is a ``clbench bench`` option)."""
 
-    # contenders: a method name, or LABEL=METHOD for a second setting of a method (knobs from `overrides`)
-    methods: list[str] = field(default_factory=lambda: ["lora"])
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> knobs over the method's YAML
-    model: str = "bundled"
-    steps: int = 10
-    warmup: int = 2
-    batch_size: int = 8
-    seq_len: int = 128
-    new_tokens: int = 16
-    precision: str = "bf16-mixed"
-    data: str = "trace-mini"
-    device: str = "auto"
-    num_tasks: int = 8
-    seed: int = 0
-    clip: float | None = 1.0
-    threads: int | None = None
-    frozen_dtype: str | None = None  # as `clbench run --frozen-dtype`: frozen Linear weights kept in bf16/fp16
-    out: str = "results/bench"
-    name: str | None = None
+    # each field is a `clbench bench` option (clbench.cli_options): its help and default live here
+    methods: list[str] = field(default_factory=lambda: ["lora", "moses"], metadata={
+        "help": "method names, or LABEL=METHOD for a second setting of a method (its knobs: --set); the base model "
+                "is always measured"})
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "cli": False, "help": "label -> knobs over the method's YAML (`clbench bench --set LABEL.KEY=VALUE`)"})
+    model: str = field(default="bundled", metadata={"help": "'bundled', 'tiny', a local folder or a hub id"})
+    steps: int = field(default=10, metadata={"help": "measured train steps / generations per method (median)"})
+    warmup: int = field(default=2, metadata={"help": "unmeasured steps / generations first"})
+    batch_size: int = field(default=8, metadata={"help": "examples per train step and per generation"})
+    seq_len: int = field(default=128, metadata={"help": "prompt tokens at most (random data: about this many "
+                                                        "tokens)"})
+    new_tokens: int = field(default=16, metadata={"help": "tokens generated per example (exactly; EOS suppressed)"})
+    precision: str = field(default="bf16-mixed", metadata={"help": "bf16-mixed (as runs), 16-mixed or 32-true"})
+    data: str = field(default="trace-mini", metadata={"help": "trace-mini (its first task) or random"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
+    num_tasks: int = field(default=8, metadata={"help": "tasks the methods pre-allocate for (TRACE has 8)"})
+    seed: int = field(default=0, metadata={"help": "seed of the contenders' init and of the random data"})
+    clip: float | None = field(default=1.0, metadata={"help": "clip the gradient norm of each train step to this, "
+                                                              "as runs do"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    frozen_dtype: str | None = field(default=None, metadata={
+        "help": "bf16|fp16: frozen Linear weights in the autocast dtype, as `clbench run --frozen-dtype`"})
+    out: str = field(default="runs/bench", metadata={
+        "help": "folder for <name>.csv and <name>.json (committed benches: results/bench)"})
+    name: str | None = field(default=None, metadata={"help": "file name stem (default: a timestamp)"})
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

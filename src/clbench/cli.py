@@ -13,7 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
+from clbench.cli_options import dataclass_command
 from clbench.config import ConfigError
+from clbench.run_config import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clbench: continual learning of LLMs — run methods over TRACE, compare, report.")
@@ -34,57 +36,12 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
+@dataclass_command(app, RunConfig, panel="Run settings (also keys of the --config YAML)")
 def run(
-    method: Annotated[str | None, typer.Option(help="method name (see `clbench list`; default lora)")] = None,
-    benchmark: Annotated[str | None, typer.Option(help="benchmark name (see `clbench list`; default trace-mini)")]
-    = None,
-    order: Annotated[int | None, typer.Option(help="task order (TRACE numbers them 1 and 2)")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    model: Annotated[str | None, typer.Option(help="'bundled' (SmolLM2-135M, offline), 'tiny' (random, for smoke "
-                                                   "tests), a local folder or a hub id")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="benchmark data folder <Task>/{train,eval,test}.json")] = None,
-    out: Annotated[str | None, typer.Option(help="run folder (default: runs/<bench>/<method>/<model>/"
-                                                 "order<N>-seed<S>-<config hash>)")] = None,
-    results_dir: Annotated[str | None, typer.Option(help="parent of the default run folders (default runs; the "
-                                                         "committed reference runs use results/runs)")] = None,
     config: Annotated[str | None, typer.Option(help="YAML with run keys and a method_config: mapping")] = None,
     hardware: Annotated[str | None, typer.Option(help="hardware profile from configs/hardware/")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="method knob key=value (repeatable)")] = None,
-    devices: Annotated[int | None, typer.Option()] = None,
-    accelerator: Annotated[str | None, typer.Option()] = None,
-    strategy: Annotated[str | None, typer.Option(help="Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2...")]
-    = None,
-    precision: Annotated[str | None, typer.Option(help="Lightning precision, e.g. bf16-mixed, 32-true")] = None,
-    frozen_dtype: Annotated[str | None, typer.Option(help="bf16|fp16: keep frozen Linear weights in the autocast "
-                                                          "dtype (half the memory, same outputs)")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="micro-batch size per device")] = None,
-    eval_batch_size: Annotated[int | None, typer.Option(help="generation batch size per device")] = None,
-    micro_batch_size: Annotated[int | None, typer.Option(help="alias of --batch-size")] = None,
-    accumulate_grad_batches: Annotated[int | None, typer.Option()] = None,
-    epochs: Annotated[int | None, typer.Option(help="epochs per task (default: the benchmark's per-task epochs)")]
-    = None,
-    max_steps_per_task: Annotated[int | None, typer.Option()] = None,
-    num_tasks: Annotated[int | None, typer.Option(help="only the first N tasks of the order")] = None,
-    limit_train: Annotated[int | None, typer.Option()] = None,
-    limit_eval: Annotated[int | None, typer.Option()] = None,
-    limit_test: Annotated[int | None, typer.Option()] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="override every task's generation budget")] = None,
-    no_zero_shot: Annotated[bool, typer.Option("--no-zero-shot", help="skip R[0,:] (FWT is then undefined)")]
-    = False,
-    oracle_task_id: Annotated[bool, typer.Option("--oracle-task-id", help="give the true task id at test time")]
-    = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
-    stop_after: Annotated[int | None, typer.Option(help="train at most N tasks in this sitting; rerun to resume")]
-    = None,
-    eval_rows: Annotated[str | None, typer.Option(help="full (every task after every task, default) or needed "
-                                                       "(only the entries OP/BWT/FWT read; the rest of R is NaN)")]
-    = None,
-    general: Annotated[str | None, typer.Option(help="general-ability suite scored by lm-eval before the first and "
-                                                     "after the last task: general-mini (bundled, offline), "
-                                                     "trace-general, or lm-eval task names a,b,c")] = None,
-    general_every_task: Annotated[bool, typer.Option("--general-every-task", help="also score --general after "
-                                                                                  "every task")] = False,
+    **given: Any,
 ) -> None:
     """Train METHOD through BENCHMARK's task order, evaluating every task after each one (resumable).
 
@@ -96,20 +53,7 @@ def run(
     from clbench.harness import Harness, load_run_config
 
     try:
-        overrides: dict[str, Any] = {
-            "method": method, "benchmark": benchmark, "order": order, "seed": seed, "model": model,
-            "data_dir": data_dir, "out": out, "results_dir": results_dir, "devices": devices,
-            "accelerator": accelerator, "strategy": strategy,
-            "precision": precision, "batch_size": batch_size or micro_batch_size, "eval_batch_size": eval_batch_size,
-            "accumulate_grad_batches": accumulate_grad_batches, "epochs": epochs,
-            "max_steps_per_task": max_steps_per_task, "num_tasks": num_tasks, "limit_train": limit_train,
-            "limit_eval": limit_eval, "limit_test": limit_test, "max_new_tokens": max_new_tokens,
-            "zero_shot": False if no_zero_shot else None, "oracle_task_id": True if oracle_task_id else None,
-            "progress": False if no_progress else None, "stop_after": stop_after,
-            "frozen_dtype": frozen_dtype, "eval_rows": eval_rows,
-            "general": general, "general_every_task": True if general_every_task else None,
-        }
-        cfg, method_cfg = load_run_config(config, overrides, hardware=hardware)
+        cfg, method_cfg = load_run_config(config, given, hardware=hardware)
         method_cfg.update(parse_overrides(set_ or []))
         Harness(cfg, method_cfg).run()
     except _user_errors() as err:
@@ -227,28 +171,11 @@ def score(
         typer.echo(f"{benchmark} {task} {metric}: {value:.4f} (n={len(records)})")
 
 
-@app.command()
+@dataclass_command(app, "clbench.bench:BenchConfig", panel="Bench settings")
 def bench(
-    methods: Annotated[str, typer.Option(help="comma-separated method names, or LABEL=METHOD for a second setting "
-                                              "of a method; the base model is always measured")] = "lora,moses",
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="LABEL.KEY=VALUE: a knob of one contender "
                                                    "(repeatable), e.g. lora15.layers=[15,16,17]")] = None,
-    model: Annotated[str, typer.Option(help="'bundled', 'tiny', a local folder or a hub id")] = "bundled",
-    steps: Annotated[int, typer.Option(help="measured train steps / generations per method (median)")] = 10,
-    warmup: Annotated[int, typer.Option(help="unmeasured steps / generations first")] = 2,
-    batch_size: Annotated[int, typer.Option(help="examples per train step and per generation")] = 8,
-    seq_len: Annotated[int, typer.Option(help="prompt tokens at most (random data: about this many tokens)")] = 128,
-    new_tokens: Annotated[int, typer.Option(help="tokens generated per example (exactly; EOS suppressed)")] = 16,
-    precision: Annotated[str, typer.Option(help="bf16-mixed (as runs), 16-mixed or 32-true")] = "bf16-mixed",
-    data: Annotated[str, typer.Option(help="trace-mini (its first task) or random")] = "trace-mini",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    num_tasks: Annotated[int, typer.Option(help="tasks the methods pre-allocate for (TRACE has 8)")] = 8,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
-    frozen_dtype: Annotated[str | None, typer.Option(help="bf16|fp16: frozen Linear weights in the autocast dtype, "
-                                                          "as `clbench run --frozen-dtype`")] = None,
-    out: Annotated[str, typer.Option(help="folder for <name>.csv and <name>.json (committed benches: results/bench)")]
-    = "runs/bench",
-    name: Annotated[str | None, typer.Option(help="file name stem (default: a timestamp)")] = None,
+    **given: Any,
 ) -> None:
     """Speed and memory of methods vs lora and the base model, in one process on the same batches."""
     from rich.console import Console
@@ -257,16 +184,12 @@ def bench(
 
     console = Console(stderr=True)
     try:
-        cfg = BenchConfig(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                          overrides=parse_contender_overrides(set_ or []), model=model, steps=steps,
-                          warmup=warmup, batch_size=batch_size, seq_len=seq_len, new_tokens=new_tokens,
-                          precision=precision, data=data, device=device, num_tasks=num_tasks, threads=threads,
-                          frozen_dtype=frozen_dtype, out=out, name=name)
+        cfg = BenchConfig(**given, overrides=parse_contender_overrides(set_ or []))
         results = run_bench(cfg, log=lambda line: console.print(f"[dim]{line}[/]"))
     except _user_errors() as err:
         fail(str(err))
     print_results(results)
-    csv_path, json_path = write_results(results, out)
+    csv_path, json_path = write_results(results, cfg.out)
     typer.echo(f"wrote {csv_path} and {json_path}", err=True)
 
 

@@ -1,4 +1,9 @@
-"""Config dataclasses from YAML / ``key=value`` overrides, with typo errors that name the nearest valid key."""
+"""Config dataclasses from YAML / ``key=value`` overrides, with typo errors that name the nearest valid key.
+
+A config dataclass documents each field where it declares it, with ``setting(default, help, ...)``: the help text
+(``--help`` of the command generated from the dataclass, see ``clbench.cli_options``) and the field's role in a run's
+identity live in the field's metadata, so there is one place to read them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,40 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+# Keys of a config dataclass field's metadata (written by ``setting``) and their values when a field leaves them out.
+HELP = "help"  # one line for `--help` and the docs: what the field does (its default is shown from the field)
+CLI = "cli"  # False: not a generated command-line option (the command sets it another way; the help says how)
+ALIASES = "aliases"  # more option names, e.g. ("--micro-batch-size",)
+IDENTITY = "identity"  # "always": part of a run's identity (folder hash, resume check); "never": changes nothing a
+#   run computes (where it is written, progress display); "if_set": added after run folders were published, so left
+#   out of the identity while unset (None), and a rerun of an earlier command still finds its folder
+SCORES = "scores"  # False: part of the identity but leaves the scores (R, OP/BWT/FWT) unchanged
+METADATA_DEFAULTS: dict[str, Any] = {HELP: "", CLI: True, ALIASES: (), IDENTITY: "always", SCORES: True}
+IDENTITY_VALUES = ("always", "never", "if_set")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            cli: bool = True, aliases: tuple[str, ...] = (), identity: str = "always", scores: bool = True) -> Any:
+    """A dataclass field with its help text and role in metadata: ``seed: int = setting(0, "run seed")``.
+
+    ``factory`` is dataclasses' ``default_factory``; the keyword arguments are the metadata keys above.
+    """
+    if identity not in IDENTITY_VALUES:
+        raise ValueError(f"identity must be one of {IDENTITY_VALUES}, got {identity!r}")
+    metadata = {HELP: help, CLI: cli, ALIASES: tuple(aliases), IDENTITY: identity, SCORES: scores}
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
+
+
+def field_meta(f: dataclasses.Field, key: str) -> Any:
+    """``f``'s metadata ``key``, or the value a field without it has (``METADATA_DEFAULTS``)."""
+    return f.metadata.get(key, METADATA_DEFAULTS[key])
+
+
+def fields_where(cls: type, **metadata: Any) -> frozenset[str]:
+    """Names of ``cls``'s fields whose metadata matches, e.g. ``fields_where(RunConfig, identity="never")``."""
+    return frozenset(f.name for f in dataclasses.fields(cls)
+                     if all(field_meta(f, k) == v for k, v in metadata.items()))
 
 
 class ConfigError(ValueError):
@@ -127,13 +166,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def config_identity(obj: Any) -> dict[str, Any]:
-    """``to_dict(obj)`` less the fields named in its ``identity_if_set`` class attribute that are unset (None).
+    """``to_dict(obj)`` less its unset (None) ``identity="if_set"`` fields.
 
     Those are options added after run folders were published: left out while unset, a rerun of an earlier command
-    still finds (and resumes or skips) its folder, and its seeds average with the earlier ones.
+    still finds (and resumes or skips) its folder, and its seeds average with the earlier ones. A field says so in its
+    metadata (``setting(..., identity="if_set")``) or, the older spelling method configs use, by being named in the
+    class attribute ``identity_if_set``.
     """
     values = to_dict(obj)
-    for key in getattr(obj, "identity_if_set", ()):
+    for key in (*getattr(obj, "identity_if_set", ()), *sorted(fields_where(type(obj), identity="if_set"))):
         if values.get(key) is None:
             values.pop(key, None)
     return values

@@ -8,65 +8,77 @@ profile < run YAML < command-line flags.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from clbench.config import ConfigError, build, load_yaml
+from clbench.config import ConfigError, build, fields_where, load_yaml, setting
 from clbench.configs_dir import hardware_profile
 
 
 @dataclass
 class RunConfig:
-    """Everything about a run except the method's own knobs (those live in the method's config dataclass)."""
+    """Everything about a run except the method's own knobs (those live in the method's config dataclass).
 
-    method: str = "lora"
-    benchmark: str = "trace-mini"
-    order: int = 1
-    seed: int = 0
-    model: str = "bundled"
-    data_dir: str | None = None
-    out: str | None = None
-    # user runs go to an ignored runs/ folder; the committed reference runs live in results/runs (make results)
-    results_dir: str = "runs"
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    accumulate_grad_batches: int = 1
-    epochs: int | None = None
-    max_steps_per_task: int | None = None
-    num_tasks: int | None = None
-    limit_train: int | None = None
-    limit_eval: int | None = None
-    limit_test: int | None = None
-    max_prompt_len: int | None = None
-    max_answer_len: int | None = None
-    max_new_tokens: int | None = None
-    accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "bf16-mixed"
-    gradient_clip_val: float | None = 1.0
-    zero_shot: bool = True
-    oracle_task_id: bool = False
-    progress: bool = True
-    stop_after: int | None = None
-    # "bf16"/"fp16": store frozen Linear weights in the autocast dtype (bit-identical outputs under bf16-mixed /
-    # 16-mixed, half their memory, no per-step weight cast); None keeps fp32 master weights everywhere
-    frozen_dtype: str | None = None
-    # the split every row of R is scored on: None = test (every reported run); "eval" = the eval split, for tuning
-    # (`clbench tune`), which then never reads a test record, not even for the data manifest
-    score_split: str | None = None
-    # which entries of R each row evaluates: None/"full" = every task after every task (the forgetting curves);
-    # "needed" = only those OP/BWT/FWT read (cl_metrics.needed_columns: rows 0 and T whole, R[j-1,j] and R[j,j]),
-    # the others stay NaN; 30 of 72 task evaluations on 8 tasks
-    eval_rows: str | None = None
-    # general-ability suite scored by lm-eval before the first and after the last task (clbench.general): a named
-    # suite (general-mini, trace-general) or lm-eval task names; general_every_task also scores after each task
-    general: str | None = None
-    general_every_task: bool | None = None
+    Each field is a key of the run YAML and a ``clbench run`` option (``--data-dir`` for ``data_dir``; a bool field
+    whose default is true is the flag ``--no-<name>``, any other bool field the flag ``--<name>``). Its ``setting``
+    holds the ``--help`` text and its role in the run's identity (``identity=``/``scores=``; see clbench.config).
+    """
 
-    # options added after run folders were published: left out of a run's identity while unset
-    identity_if_set: ClassVar[tuple[str, ...]] = ("frozen_dtype", "score_split", "eval_rows", "general",
-                                                  "general_every_task")
+    method: str = setting("lora", "method name (see `clbench list`)")
+    benchmark: str = setting("trace-mini", "benchmark name (see `clbench list`)")
+    order: int = setting(1, "task order (TRACE numbers them 1 and 2)")
+    seed: int = setting(0, "seed of everything random in the run (Lightning's seed_everything)")
+    model: str = setting("bundled", "'bundled' (SmolLM2-135M, offline), 'tiny' (random, for smoke tests), a local "
+                                    "folder or a hub id")
+    data_dir: str | None = setting(None, "benchmark data folder <Task>/{train,eval,test}.json (default: "
+                                         "trace-mini's bundled data; trace: $CLBENCH_TRACE_DIR)")
+    out: str | None = setting(None, "run folder (default: <results-dir>/<bench>/<method>/<model>/"
+                                    "order<N>-seed<S>-<config hash>)", identity="never")
+    results_dir: str = setting("runs", "parent of the default run folders: user runs go to an ignored runs/, the "
+                                       "committed reference runs live in results/runs (make results)",
+                               identity="never")
+    batch_size: int = setting(8, "micro-batch size per device (--micro-batch-size is an alias)",
+                              aliases=("--micro-batch-size",))
+    eval_batch_size: int = setting(16, "generation batch size per device")
+    accumulate_grad_batches: int = setting(1, "micro-batches per optimizer step")
+    epochs: int | None = setting(None, "epochs per task (default: the benchmark's per-task epochs)")
+    max_steps_per_task: int | None = setting(None, "stop each task's training after N optimizer steps")
+    num_tasks: int | None = setting(None, "only the first N tasks of the order")
+    limit_train: int | None = setting(None, "at most N training records per task")
+    limit_eval: int | None = setting(None, "at most N eval records per task")
+    limit_test: int | None = setting(None, "at most N test records per task")
+    max_prompt_len: int | None = setting(None, "prompt tokens kept, the last ones (default: the benchmark's)")
+    max_answer_len: int | None = setting(None, "answer tokens trained on, the first ones (default: the benchmark's)")
+    max_new_tokens: int | None = setting(None, "override every task's generation budget")
+    accelerator: str = setting("auto", "Lightning accelerator: auto, cpu, gpu, ...")
+    devices: int = setting(1, "devices (processes) per node")
+    num_nodes: int = setting(1, "nodes (multi-node DDP/FSDP)")
+    strategy: str = setting("auto", "Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2...")
+    precision: str = setting("bf16-mixed", "Lightning precision, e.g. bf16-mixed, 32-true")
+    gradient_clip_val: float | None = setting(1.0, "clip the gradient norm to this (YAML null: no clipping)")
+    zero_shot: bool = setting(True, "score every task before training, row R[0,:] (--no-zero-shot skips it; FWT is "
+                                    "then undefined)")
+    oracle_task_id: bool = setting(False, "give the true task id at test time")
+    progress: bool = setting(True, "progress bars while training and evaluating (--no-progress hides them)",
+                             identity="never")
+    stop_after: int | None = setting(None, "train at most N tasks in this sitting; rerun to resume",
+                                     identity="never")
+    frozen_dtype: str | None = setting(None, "bf16|fp16: store frozen Linear weights in the autocast dtype "
+                                             "(bit-identical outputs under bf16-mixed / 16-mixed, half their memory, "
+                                             "no per-step weight cast; default: fp32 master weights everywhere)",
+                                       identity="if_set")
+    score_split: str | None = setting(None, "the split every row of R is scored on: test (unset, every reported "
+                                            "run) or eval, for tuning (`clbench tune`), which then never reads a test "
+                                            "record, not even for the data manifest", identity="if_set")
+    eval_rows: str | None = setting(None, "which entries of R each row evaluates: full (every task after every "
+                                          "task, the forgetting curves; default) or needed (only those OP/BWT/FWT "
+                                          "read, cl_metrics.needed_columns: rows 0 and T whole, R[j-1,j] and "
+                                          "R[j,j]; the rest stays NaN; 30 of 72 task evaluations on 8 tasks)",
+                                    identity="if_set", scores=False)
+    general: str | None = setting(None, "general-ability suite scored by lm-eval before the first and after the "
+                                        "last task (clbench.general): general-mini (bundled, offline), trace-general, "
+                                        "or lm-eval task names a,b,c", identity="if_set", scores=False)
+    general_every_task: bool | None = setting(None, "also score --general after every task", identity="if_set",
+                                              scores=False)
 
     def __post_init__(self) -> None:
         """Refuse values Lightning or the loop would only reject with a traceback later (one line each)."""
@@ -111,12 +123,14 @@ def frozen_torch_dtype(name: str | None, precision: str) -> Any:
     return getattr(torch, dtype_name)
 
 
+# Which fields make a run's identity is said once, in each field's ``setting`` above; these are read from there.
 # Fields that never change what a run computes; excluded from the run's identity (folder hash, resume check).
-NOT_IDENTITY = frozenset({"out", "results_dir", "progress", "stop_after"})
+NOT_IDENTITY = fields_where(RunConfig, identity="never")
 # Fields that are part of a run's identity but leave its scores (R, OP/BWT/FWT) unchanged: seeds that differ only
 # here average into one leaderboard row ("needed" leaves unneeded entries of R empty; general adds general.csv)
-NOT_SCORES = frozenset({"eval_rows", "general", "general_every_task"})
-
+NOT_SCORES = fields_where(RunConfig, scores=False)
+# Options added after run folders were published: left out of a run's identity while unset (config_identity)
+IDENTITY_IF_SET = fields_where(RunConfig, identity="if_set")
 
 def load_run_config(path: str | None, overrides: dict[str, Any],
                     hardware: str | None = None) -> tuple[RunConfig, dict[str, Any]]:
