@@ -165,6 +165,23 @@ class RunStore:
         frame.index.name = "stage"
         atomic_write_text(self.root / "general.csv", frame.to_csv(float_format="%.4f"))
 
+    def record_row(self, row: int, record: dict[str, Any], task_names: list[str],
+                   predictions: dict[str, list[dict[str, str]]], state: dict[str, torch.Tensor] | None = None) -> None:
+        """Store row ``row`` of R: its predictions, then the method's checkpoint ``state`` (when given), then the row
+        itself, then the older checkpoints are pruned.
+
+        The order makes every crash resumable: a row on disk always has its predictions and its checkpoint (resume
+        loads the checkpoint of the last recorded row), and until the row is recorded the previous row's checkpoint
+        is still there.
+        """
+        for name, records in predictions.items():
+            self.write_predictions(row, name, records)
+        if state is not None:
+            self.save_state(row, state)
+        self.add_row(row, record, task_names)
+        if state is not None:
+            self.prune_states(row)
+
     def write_predictions(self, row: int, task: str, records: list[dict[str, str]]) -> None:
         """``predictions/after-<row>/<Task>.json``: list of {"prompt","answer","prediction"}."""
         atomic_write_json(self.root / "predictions" / f"after-{row}" / f"{task}.json", records)
