@@ -99,7 +99,8 @@ def crash_in_begin_task(method: str, at: int) -> Iterator[None]:
 
 
 def fit_task(method, t: int, task, steps: int = 3) -> None:
-    """begin_task / a Lightning fit of ``steps`` steps / end_task on ``task``'s training split, as the harness does."""
+    """begin_task / a Lightning fit of ``steps`` steps / finish_task (end_task + dropping gradients) on ``task``'s
+    training split, as the harness does."""
     import warnings
 
     import lightning as L
@@ -114,4 +115,4 @@ def fit_task(method, t: int, task, steps: int = 3) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(method, loader)
-    method.end_task(t, task)
+    method.finish_task(t, task, train_loader=loader)

@@ -72,7 +72,7 @@ def _eval_batch(method, task: Task, with_id: int | None = None) -> dict[str, tor
 
 
 def _fit(method, t: int, task: Task, steps: int = STEPS, begin: bool = True) -> None:
-    """begin_task / Lightning fit / end_task, as the harness does."""
+    """begin_task / Lightning fit / finish_task (end_task + dropping gradients), as the harness does."""
     if begin:
         method.begin_task(t, task)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -80,7 +80,7 @@ def _fit(method, t: int, task: Task, steps: int = STEPS, begin: bool = True) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(method, _train_batches(method, task))
-    method.end_task(t, task)
+    method.finish_task(t, task)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@
 
     R[0, :] = evaluate every task zero-shot            (skipped with zero_shot=False)
     for t, task in order:                              (tasks whose row is on disk are skipped: resume)
-        method.begin_task(t, task); Trainer.fit(method, task data); method.end_task(t, task)
+        method.begin_task(t, task); Trainer.fit(method, task data); method.finish_task(t, task)  (runs end_task)
         R[t+1, :] = evaluate every task's test split   (task-agnostic: no task id unless the method is task-aware)
         checkpoint the method state, then record row t+1 (atomic writes)
 
@@ -189,8 +189,7 @@ class Harness:
         # with frozen weights in bf16/fp16, end_task's own forwards (Fisher, importance, keys) must run under the
         # run's autocast too, as training did; fp32 runs keep their exact behaviour
         context = trainer.precision_plugin.forward_context() if self.cfg.frozen_dtype else contextlib.nullcontext()
-        with context:
-            method.end_task(t, task, train_loader=data.train_loader)
+        method.finish_task(t, task, train_loader=data.train_loader, forward_context=context)
         return {**meter.summary(), "examples": len(examples), "epochs": epochs,
                 **({"second_pass_examples": len(second)} if second else {})}
 

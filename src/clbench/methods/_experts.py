@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from clbench.config import ConfigError
+
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -92,6 +94,16 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def check_layers(model: nn.Module, layers: list[int] | None) -> None:
+    """Refuse (ConfigError) a ``layers`` knob that is empty or names a transformer layer the model does not have;
+    None (every layer) is fine."""
+    if layers is None:
+        return
+    n_layers = num_layers(model)
+    if not layers or any(not 0 <= i < n_layers for i in layers):
+        raise ConfigError(f"layers must be indices in 0..{n_layers - 1}, got {layers}")
+
+
 def inject(
     model: nn.Module,
     target_modules: list[str],
@@ -100,8 +112,10 @@ def inject(
 ) -> dict[str, nn.Module]:
     """Replace every ``nn.Linear`` whose name ends with one of ``target_modules`` (in ``layers``, if given).
 
-    ``make(name, linear)`` builds the wrapper. Returns the wrappers by module name; raises if nothing matched.
+    ``make(name, linear)`` builds the wrapper. Returns the wrappers by module name. Raises ConfigError for a bad
+    ``layers`` list (:func:`check_layers`) before touching the model, ValueError if nothing matched.
     """
+    check_layers(model, layers)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
                and (layers is None or layer_index(name) in layers)]

@@ -16,12 +16,6 @@ from torch import nn
 _INPUTS = ("input_ids", "attention_mask", "labels")
 
 
-def training_device(method: Any) -> torch.device:
-    """Where training ran: Lightning moves the module back to the CPU when fit ends, the estimate belongs there."""
-    trainer = getattr(method, "_trainer", None)
-    return trainer.strategy.root_device if trainer is not None else method.device
-
-
 def mean_squared_gradients(method: nn.Module, model: nn.Module, targets: list[torch.Tensor], loader: Any,
                            max_batches: int | None, per_example: bool) -> list[torch.Tensor]:
     """Mean over batches (or over single examples, ``per_example``) of the squared LM-loss gradient of ``targets``.

@@ -53,6 +53,13 @@ def layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def check_hidden_layer(knob: str, index: int, below: int, why: str) -> None:
+    """Refuse (ConfigError) a hidden-state layer knob (``query_layer``, ``key_layer``) outside -1..below − 1, where -1
+    is the token embeddings; ``why`` says in the message where the bound comes from."""
+    if not -1 <= index < below:
+        raise ConfigError(f"{knob} must be in -1..{below - 1} ({why}), got {index}")
+
+
 def find_layer_module(model: nn.Module, index: int) -> nn.Module:
     """The decoder layer ``...layers.<index>`` (its output is the residual stream after that layer), or the token
     embeddings for ``index == -1``."""
@@ -195,6 +202,6 @@ def vocab_prompt_init(embeddings: nn.Embedding | torch.Tensor, length: int, scal
     rows = torch.randint(0, table.shape[0], (length,))
     return table.detach()[rows].clone().float() * scale
 
-__all__ = ["cut_prompt_logits", "find_layer_module", "generate_with_prefix", "hidden_at_layer", "key_cosines",
-           "layer_output", "mask_positions", "mean_over_ranks", "nearest_key", "pool", "prefixed_forward",
-           "prepend_prompts", "pull_loss", "query_mask", "vocab_prompt_init"]
+__all__ = ["check_hidden_layer", "cut_prompt_logits", "find_layer_module", "generate_with_prefix", "hidden_at_layer",
+           "key_cosines", "layer_output", "mask_positions", "mean_over_ranks", "nearest_key", "pool",
+           "prefixed_forward", "prepend_prompts", "pull_loss", "query_mask", "vocab_prompt_init"]

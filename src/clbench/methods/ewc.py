@@ -32,7 +32,7 @@ from torch import nn
 from clbench.benchmark import Task
 from clbench.registry import register_method
 
-from ._importance import mean_squared_gradients, training_device
+from ._importance import mean_squared_gradients
 from .lora import LoRA, LoRAMethodConfig
 
 
@@ -62,6 +62,7 @@ class EWC(LoRA):
     """LoRA plus the EWC penalty (λ/2) Σ F (θ − θ*)² with a diagonal Fisher accumulated over tasks."""
 
     config_class = EWCConfig
+    end_task_on_training_device = True  # the Fisher pass is a backward per example
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: EWCConfig, num_tasks: int):
         super().__init__(model, tokenizer, cfg, num_tasks)
@@ -113,21 +114,16 @@ class EWC(LoRA):
         return dict(zip(self.ewc_names, means, strict=True))
 
     def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
-        """F ← γ F + F_t and θ* ← θ, written into the buffers (so they are checkpointed)."""
+        """F ← γ F + F_t and θ* ← θ, written into the buffers (so they are checkpointed); on the training device."""
         if train_loader is None:
             raise RuntimeError("EWC needs the task's training loader in end_task to estimate the Fisher")
-        home = self.device
-        self.to(training_device(self))
         params = dict(self.model.named_parameters())
         for name in self.ewc_names:  # the adapter trains in every task, but set it explicitly: autograd.grad needs it
             params[name].requires_grad_(True)
-        try:
-            new = self.estimate_fisher(train_loader)
-            fisher, anchor = self.fisher(), self.anchor()
-            with torch.no_grad():
-                for name in self.ewc_names:
-                    fisher[name].mul_(self.cfg.fisher_decay).add_(new[name])
-                    anchor[name].copy_(params[name].detach().float())
-                self.ewc_tasks_done += 1
-        finally:
-            self.to(home)
+        new = self.estimate_fisher(train_loader)
+        fisher, anchor = self.fisher(), self.anchor()
+        with torch.no_grad():
+            for name in self.ewc_names:
+                fisher[name].mul_(self.cfg.fisher_decay).add_(new[name])
+                anchor[name].copy_(params[name].detach().float())
+            self.ewc_tasks_done += 1

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from clbench.benchmark import Task
-from clbench.config import ConfigError
 from clbench.method import CLMethod, MethodConfig
 from clbench.registry import register_method
 
 from ._experts import num_layers
 from ._prompts import (
+    check_hidden_layer,
     generate_with_prefix,
     hidden_at_layer,
     key_cosines,
@@ -86,9 +86,7 @@ class L2P(CLMethod):
         super().__init__(model, tokenizer, cfg, num_tasks)
         n_layers = num_layers(model)
         self.query_layer = n_layers - 1 if cfg.query_layer is None else cfg.query_layer
-        if not -1 <= self.query_layer < n_layers:
-            raise ConfigError(f"query_layer must be in -1..{n_layers - 1} (-1 = token embeddings), "
-                              f"got {cfg.query_layer}")
+        check_hidden_layer("query_layer", self.query_layer, n_layers, "-1 = token embeddings")
         embeddings = model.get_input_embeddings()
         dim = embeddings.embedding_dim
         # the pool as one (M, L, d) tensor: a row no example selected gets a zero gradient (no DDP unused-parameter
@@ -105,14 +103,9 @@ class L2P(CLMethod):
     def begin_task(self, t: int, task: Task) -> None:
         """The whole pool (and its keys) trains on every task; the task index chooses nothing."""
         super().begin_task(t, task)
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.freeze_all()
         self.prompt_pool.requires_grad_(True)
         self.prompt_keys.requires_grad_(self.cfg.key_init == "uniform")
-
-    def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
-        """Nothing is frozen between tasks (L2P shares the pool); drop the last step's gradients."""
-        self.zero_grad(set_to_none=True)
 
     # ---- selection ----------------------------------------------------------------------------------------------
     def keys(self) -> torch.Tensor:

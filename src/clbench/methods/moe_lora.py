@@ -40,11 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.benchmark import Task
-from clbench.config import ConfigError
 from clbench.method import CLMethod, MethodConfig
 from clbench.registry import register_method
 
-from ._experts import ExpertLinear, Router, inject, num_layers
+from ._experts import ExpertLinear, Router, inject
 
 
 @dataclass
@@ -128,10 +127,7 @@ class MoELoRA(CLMethod):
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: MoELoRAConfig, num_tasks: int):
         super().__init__(model, tokenizer, cfg, num_tasks)
-        n_layers = num_layers(model)
         layers = list(cfg.layers) if cfg.layers is not None else None
-        if layers is not None and (not layers or any(not 0 <= i < n_layers for i in layers)):
-            raise ConfigError(f"layers must be indices in 0..{n_layers - 1}, got {cfg.layers}")
         rank = cfg.r // cfg.num_experts
         self._moe_layers: dict[str, ExpertLinear] = inject(
             model, list(cfg.target_modules),
@@ -148,8 +144,7 @@ class MoELoRA(CLMethod):
     def begin_task(self, t: int, task: Task) -> None:
         """Experts and routers train in every task (nothing else), set from scratch as the contract asks."""
         super().begin_task(t, task)
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.freeze_all()
         for layer in self._moe_layers.values():
             for p in (layer.A, layer.B, layer.router.weight):
                 p.requires_grad_(True)

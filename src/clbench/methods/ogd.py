@@ -46,7 +46,6 @@ from torch import nn
 from clbench.benchmark import Task
 from clbench.registry import register_method
 
-from ._importance import training_device
 from .gem import flat_grad, write_flat_grad
 from .lora import LoRA, LoRAMethodConfig
 
@@ -113,6 +112,7 @@ class OGD(LoRA):
     """LoRA plus OGD: gradients projected orthogonally to stored per-example directions of earlier tasks."""
 
     config_class = OGDConfig
+    end_task_on_training_device = True  # one backward per stored direction
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: OGDConfig, num_tasks: int):
         super().__init__(model, tokenizer, cfg, num_tasks)
@@ -138,16 +138,11 @@ class OGD(LoRA):
             grown[: self.ogd_basis.shape[0]] = self.ogd_basis
             self.ogd_basis = grown  # re-assigning a registered buffer name keeps it a buffer
 
-    def configure_optimizers(self) -> Any:
-        """Plain SGD (the paper) or the harness's AdamW (TRACE)."""
+    def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """Plain SGD (the paper) or the harness's AdamW (TRACE); the base class adds the warm-up."""
         if self.cfg.optimizer == "adamw":
-            return super().configure_optimizers()
-        opt = torch.optim.SGD(self.trainable_parameters(), lr=self.cfg.lr)
-        if self.cfg.warmup_steps <= 0:
-            return opt
-        warm = self.cfg.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            return super().build_optimizer(groups)
+        return torch.optim.SGD(groups, lr=self.cfg.lr)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """g ← g − Σ (g·s) s over the stored directions (before Lightning clips the gradient)."""
@@ -181,7 +176,8 @@ class OGD(LoRA):
                           for g, p in zip(grads, params, strict=True)])
 
     def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
-        """Store task t's directions in the basis (eval mode: no dropout, the same on every rank)."""
+        """Store task t's directions in the basis (eval mode: no dropout, the same on every rank); on the training
+        device."""
         if t == self.num_tasks - 1:
             return  # no later task would be projected against them
         collate = getattr(train_loader, "collate_fn", None)
@@ -189,8 +185,6 @@ class OGD(LoRA):
             from clbench.benchmark import Collator
 
             collate = Collator(self.tokenizer, train=True)
-        home = self.device
-        self.to(training_device(self))
         params = self.adapter_parameters()
         needed = [p.requires_grad for p in params]
         for p in params:
@@ -211,4 +205,3 @@ class OGD(LoRA):
             self.train(was_training)
             for p, flag in zip(params, needed, strict=True):
                 p.requires_grad_(flag)
-            self.to(home)

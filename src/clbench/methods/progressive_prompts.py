@@ -112,8 +112,7 @@ class ProgressivePrompts(CLMethod):
     def begin_task(self, t: int, task: Task) -> None:
         """Only P_t (and a freshly initialised MLP) train; base model and every other prompt are frozen."""
         super().begin_task(t, task)
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.freeze_all()
         if self.cfg.init_from_previous and t > 0:
             with torch.no_grad():  # TRACE's behaviour: one prompt tensor carried on from task to task
                 self.prompts[t].copy_(self.prompts[t - 1])
@@ -127,9 +126,7 @@ class ProgressivePrompts(CLMethod):
         """Store P'_t (after the MLP) in the frozen buffer; P_t and the MLP never train again."""
         self.finished[t] = self.live_prompt(t).float()
         self.task_done[t] = True
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.zero_grad(set_to_none=True)
+        self.freeze_all()
 
     # ---- the prefix ---------------------------------------------------------------------------------------------
     def live_prompt(self, t: int) -> torch.Tensor:

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from clbench.benchmark import IGNORE_INDEX, Task
-from clbench.config import ConfigError
-from clbench.method import CLMethod
+from clbench.method import CLMethod, gather_by_index
 
-from .._experts import inject, num_layers
-from .._prompts import mean_over_ranks, nearest_key, pull_loss, query_mask
+from .._experts import check_layers, inject, num_layers
+from .._prompts import check_hidden_layer, mean_over_ranks, nearest_key, pull_loss, query_mask
 from .config import MoSEsConfig
 from .layer import MoSELinear
 from .report import task_params, write_growth, write_usage
@@ -38,13 +37,11 @@ class MoSEs(CLMethod):
         super().__init__(model, tokenizer, cfg, num_tasks)
         n_layers = num_layers(model)
         layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers // 2, n_layers))
-        if not layers or any(not 0 <= i < n_layers for i in layers):
-            raise ConfigError(f"layers must be indices in 0..{n_layers - 1}, got {cfg.layers}")
+        check_layers(model, layers)  # before key_layer, which is derived from them
         self.key_layer = cfg.key_layer if cfg.key_layer is not None else min(layers) - 1
-        if not -1 <= self.key_layer < min(layers):
-            # the query must not depend on the routing it decides (and must come from the frozen model)
-            raise ConfigError(f"key_layer must be in -1..{min(layers) - 1} (below the first MoSE layer "
-                              f"{min(layers)}; -1 = token embeddings), got {self.key_layer}")
+        # the query must not depend on the routing it decides (and must come from the frozen model)
+        check_hidden_layer("key_layer", self.key_layer, min(layers),
+                           f"below the first MoSE layer {min(layers)}; -1 = token embeddings")
         self._mose_layers: dict[str, MoSELinear] = inject(
             model, list(cfg.target_modules),
             lambda name, linear: MoSELinear(linear, cfg.num_experts, cfg.rank, cfg.alpha, cfg.top_k,
@@ -70,8 +67,7 @@ class MoSEs(CLMethod):
         """Reserve task t's fresh slots in every layer; only its slots, router, scores, key and prompt train."""
         super().begin_task(t, task)
         self._task_names[t] = task.name
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.freeze_all()
         for layer in self._mose_layers.values():
             layer.reserve(t, self.cfg.budget)
             for p in (layer.A_new, layer.B_new, layer.router_weight[t], layer.scores[t]):
@@ -85,7 +81,6 @@ class MoSEs(CLMethod):
         for layer in self._mose_layers.values():
             layer.fix_mask(t)
         self.task_done[t] = True
-        self.zero_grad(set_to_none=True)  # Lightning leaves the last step's gradients on the now-frozen parameters
 
     # ---- routing ------------------------------------------------------------------------------------------------
     def active_tasks(self) -> torch.Tensor:
@@ -172,27 +167,18 @@ class MoSEs(CLMethod):
         """Pull constraint λ_p · mean_x (1 − cos(q(x), k_t)), q(x) from ``out`` (the same forward); only k_t learns."""
         return {"pull": self.cfg.pull_weight * pull_loss(out["query"], self.keys[self.current_task])}
 
-    def configure_optimizers(self) -> Any:
-        """AdamW with one group per part: sub-experts (lr), routers (router_lr), mask scores and keys/prompts (no
-        decay)."""
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group per part: sub-experts (lr), routers (router_lr), mask scores and keys/prompts (no decay); the
+        base class drops empty groups, builds AdamW and adds the warm-up."""
         cfg = self.cfg
         layers = list(self._mose_layers.values())
         experts = [p for layer in layers for p in (layer.A_new, layer.B_new) if p.requires_grad]
         routers = [p for layer in layers for p in layer.router_weight if p.requires_grad]
         scores = [p for layer in layers for p in layer.scores if p.requires_grad]
         keys = [p for p in (*self.keys, *self.prompts) if p.requires_grad]
-        groups = [{"params": experts, "lr": cfg.lr}, {"params": routers, "lr": cfg.router_lr},
-                  {"params": scores, "lr": cfg.score_lr, "weight_decay": 0.0},
-                  {"params": keys, "lr": cfg.key_lr, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        if not groups:
-            raise RuntimeError(f"moses has no trainable parameters for task {self.current_task}")
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.warmup_steps <= 0:
-            return opt
-        warm = cfg.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return [{"params": experts, "lr": cfg.lr}, {"params": routers, "lr": cfg.router_lr},
+                {"params": scores, "lr": cfg.score_lr, "weight_decay": 0.0},
+                {"params": keys, "lr": cfg.key_lr, "weight_decay": 0.0}]
 
     # ---- inference ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -231,13 +217,7 @@ class MoSEs(CLMethod):
     def on_predict_epoch_end(self) -> None:
         """Gather predictions (base class) and the key choices of every rank, in example order."""
         super().on_predict_epoch_end()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, self._chosen)
-            merged = {i: c for part in gathered for i, c in part}
-        else:
-            merged = dict(self._chosen)
-        self._chosen = sorted(merged.items())
+        self._chosen = gather_by_index(self._chosen)
 
     def evaluation_report(self, j: int, task: Task) -> dict[str, float]:
         """``task_id_accuracy``: share of task j's test examples whose nearest key was task j's.

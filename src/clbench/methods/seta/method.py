@@ -34,12 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.benchmark import Collator, Task
-from clbench.config import ConfigError
-from clbench.method import CLMethod
+from clbench.method import CLMethod, gather_by_index
 from clbench.registry import register_method
 
-from .._experts import inject, num_layers
-from .._importance import mean_squared_gradients, training_device
+from .._experts import inject
+from .._importance import mean_squared_gradients
 from .._prompts import pool, query_mask
 from .config import SETAConfig
 from .layer import SHARED, RoutingContext, SETALinear, block_sensitivity, split_on_share
@@ -53,13 +52,11 @@ class SETA(CLMethod):
     elastic anchoring of shared sub-blocks, one sigmoid gate per model that grows by one output per task."""
 
     config_class = SETAConfig
+    end_task_on_training_device = True  # Ω is a backward per training example
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: SETAConfig, num_tasks: int):
         super().__init__(model, tokenizer, cfg, num_tasks)
-        n_layers = num_layers(model)
         layers = list(cfg.layers) if cfg.layers is not None else None
-        if layers is not None and (not layers or any(not 0 <= i < n_layers for i in layers)):
-            raise ConfigError(f"layers must be indices in 0..{n_layers - 1}, got {cfg.layers}")
         self.context = RoutingContext()
         self._seta_layers: dict[str, SETALinear] = inject(
             model, list(cfg.target_modules),
@@ -137,8 +134,7 @@ class SETA(CLMethod):
             raise RuntimeError(f"seta pre-allocated gate outputs for {self.num_tasks} tasks; task {t} has none")
         super().begin_task(t, task)
         self._task_names[t] = task.name
-        for p in self.parameters():
-            p.requires_grad_(False)
+        self.freeze_all()
         for layer in self.seta_layers():
             layer.A.requires_grad_(True)
             layer.B.requires_grad_(True)
@@ -173,30 +169,25 @@ class SETA(CLMethod):
         self._pending_split = False
 
     def end_task(self, t: int, task: Task, train_loader: Any = None) -> None:
-        """Commit (task t's unique sub-blocks and gate row freeze for good), Ω += Ω_t, θ* ← θ, remember gate inputs."""
+        """Commit (task t's unique sub-blocks and gate row freeze for good), Ω += Ω_t, θ* ← θ, remember gate inputs
+        (on the training device: ``end_task_on_training_device``)."""
         if self._pending_split:  # no training step ran, so no split: the task would silently own nothing
             raise RuntimeError(f"seta: task {t} ended before its first training step, so it has no sub-blocks")
         for layer in self.seta_layers():
             layer.commit()
         self.gate.commit()
-        home = self.device
-        self.to(training_device(self))
-        try:
-            if self.cfg.anchor_weight > 0 and any(bool((la.owner == SHARED).any()) for la in self.seta_layers()):
-                if train_loader is None:
-                    raise RuntimeError("seta needs the task's training loader in end_task to estimate Ω")
-                self._accumulate_importance(train_loader)
-            with torch.no_grad():
-                for layer in self.seta_layers():
-                    layer.anchor_A.copy_(layer.A_store)
-                    layer.anchor_B.copy_(layer.B_store)
-            if self.cfg.memory_size > 0:
-                self.gate.remember(t, self._memory_queries(task, train_loader))
-        finally:
-            self.to(home)
+        if self.cfg.anchor_weight > 0 and any(bool((la.owner == SHARED).any()) for la in self.seta_layers()):
+            if train_loader is None:
+                raise RuntimeError("seta needs the task's training loader in end_task to estimate Ω")
+            self._accumulate_importance(train_loader)
+        with torch.no_grad():
+            for layer in self.seta_layers():
+                layer.anchor_A.copy_(layer.A_store)
+                layer.anchor_B.copy_(layer.B_store)
+        if self.cfg.memory_size > 0:
+            self.gate.remember(t, self._memory_queries(task, train_loader))
         with torch.no_grad():
             self.tasks_done.fill_(t + 1)
-        self.zero_grad(set_to_none=True)
 
     def _accumulate_importance(self, loader: Any) -> None:
         """Ω ← Ω + Ω_t / mean(Ω_t) over the shared sub-blocks of every layer (per-example squared gradients)."""
@@ -256,17 +247,12 @@ class SETA(CLMethod):
             terms["gate_open"] = self.cfg.gate_open_weight * F.softplus(-own).mean()  # −log σ(z)
         return terms
 
-    def configure_optimizers(self) -> Any:
-        """AdamW: sub-blocks at ``lr`` with ``weight_decay``, the gate at ``gate_lr`` without decay; warm-up."""
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Sub-blocks at ``lr`` with ``weight_decay``, the gate at ``gate_lr`` without decay (the base class builds
+        AdamW over them and adds the warm-up)."""
         blocks = [p for layer in self.seta_layers() for p in (layer.A, layer.B)]
-        groups = [{"params": blocks, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay},
-                  {"params": [self.gate.weight, self.gate.bias], "lr": self.cfg.gate_lr, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups)
-        if self.cfg.warmup_steps <= 0:
-            return opt
-        warm = self.cfg.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return [{"params": blocks, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay},
+                {"params": [self.gate.weight, self.gate.bias], "lr": self.cfg.gate_lr, "weight_decay": 0.0}]
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
@@ -284,13 +270,7 @@ class SETA(CLMethod):
     def on_predict_epoch_end(self) -> None:
         """Gather predictions (base class) and every rank's routing records."""
         super().on_predict_epoch_end()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, self._eval_gates)
-            merged = {i: g for part in gathered for i, g in part}
-        else:
-            merged = dict(self._eval_gates)
-        self._eval_gates = sorted(merged.items())
+        self._eval_gates = gather_by_index(self._eval_gates)
 
     def evaluation_report(self, j: int, task: Task) -> dict[str, float]:
         """For a learned task j: ``gate_drift`` (stored inputs, since the end of task j), ``gate_own`` and
