@@ -251,13 +251,10 @@ def parse_contender_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 def contender_config(label: str, method_name: str, cfg: BenchConfig) -> Any:
     """The method config of contender ``label``: the method's YAML defaults, then ``--set label.KEY=VALUE``."""
-    from clbench import registry
-    from clbench.config import build
-    from clbench.configs_dir import method_defaults
+    from clbench.run_plan import resolve_method
 
-    cls = registry.get_method(method_name)  # first: an unknown name is named as such
-    knobs = {**method_defaults(method_name), **cfg.overrides.get(label, {})}
-    return build(cls.config_class, knobs, where=f"method '{method_name}' config of contender '{label}'")
+    return resolve_method(method_name, cfg.overrides.get(label, {}),
+                          where=f"method '{method_name}' config of contender '{label}'")[1]
 
 
 def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.device, method_name: str | None = None

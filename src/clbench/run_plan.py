@@ -31,12 +31,13 @@ if TYPE_CHECKING:
     from clbench.method import CLMethod
 
 
-def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> tuple[type[CLMethod], Any]:
+def resolve_method(name: str, overrides: dict[str, Any] | None = None, where: str | None = None
+                   ) -> tuple[type[CLMethod], Any]:
     """Method ``name``'s class and its config: ``configs/methods/<name>.yaml`` < ``overrides`` (unknown keys are an
-    error naming the nearest valid one)."""
+    error naming the nearest valid one; ``where`` says what the config belongs to in that error)."""
     method_cls = registry.get_method(name)  # first: an unknown method is named as such, not as a bad knob
     method_cfg = build(method_cls.config_class, {**method_defaults(name), **(overrides or {})},
-                       where=f"method '{name}' config")
+                       where=where or f"method '{name}' config")
     return method_cls, method_cfg
 
 
