@@ -173,6 +173,20 @@ def test_every_method_yaml_lists_exactly_its_knobs():
         assert set(method_defaults(name)) == fields, name
 
 
+def test_a_bundled_methods_defaults_have_one_source_its_yaml():
+    """If this fails, a bundled method's config dataclass gives a default of its own again, so the YAML users read
+    (and clbench tune starts from) and the code could disagree about what a run uses."""
+    import dataclasses
+
+    from clbench import registry
+
+    bundled = {name: cls for name, cls in registry.methods().items() if cls.__module__.startswith("clbench.methods.")}
+    for name, cls in bundled.items():
+        with_default = [f.name for f in dataclasses.fields(cls.config_class)
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert with_default == [], (name, with_default)
+
+
 def command_options(name: str) -> dict[str, object]:
     """The options of `clbench NAME` by parameter name, as click parses them (the generated ones included)."""
     import typer

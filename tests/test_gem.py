@@ -27,7 +27,7 @@ def _method(name: str, num_tasks: int = 3, **knobs):
 
     cls = get_method(name)
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(**knobs), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cls.default_config(knobs), num_tasks=num_tasks)
 
 
 def _conflicting(seed: int = 0, k: int = 3, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,15 +103,15 @@ def test_gem_hook_constrains_the_real_adapter_gradient_against_training_memories
 
 def test_bad_memory_knobs_are_one_line_errors():
     """If this fails, `--set memory_per_task=0` or a negative margin runs silently instead of stopping."""
-    from clbench.config import ConfigError, build
+    from clbench.config import ConfigError
     from clbench.registry import get_method
 
     with pytest.raises(ConfigError, match="memory_per_task"):
-        build(get_method("gem").config_class, {"memory_per_task": 0})
+        get_method("gem").default_config({"memory_per_task": 0})
     with pytest.raises(ConfigError, match="margin"):
-        build(get_method("gem").config_class, {"margin": -1})
+        get_method("gem").default_config({"margin": -1})
     with pytest.raises(ConfigError, match="ref_batch_size"):
-        build(get_method("agem").config_class, {"ref_batch_size": 0})
+        get_method("agem").default_config({"ref_batch_size": 0})
 
 
 @pytest.mark.parametrize("name", ["gem", "agem"])

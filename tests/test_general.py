@@ -80,7 +80,7 @@ class _KeyRouted(CLMethod):
     name = "key-routed-test"
 
     def __init__(self, model, tokenizer):
-        super().__init__(model, tokenizer, MethodConfig(), num_tasks=1)
+        super().__init__(model, tokenizer, MethodConfig(lr=1e-3, weight_decay=0.0, warmup_steps=0), num_tasks=1)
         self.bias = nn.Parameter(torch.zeros(model.config.vocab_size))
         with torch.no_grad():
             self.bias[tokenizer.convert_tokens_to_ids("x")] = 8.0

@@ -103,13 +103,14 @@ def test_rerun_of_a_different_config_into_the_same_folder_is_refused(tmp_path, t
 
 def test_seqft_trains_base_weights_and_checkpoints_them(tmp_path, trace_dir):
     from clbench.models import tiny_model
-    from clbench.registry import get_method
+    from clbench.run_plan import resolve_method
 
     run_dir = Harness(tiny_run(tmp_path, trace_dir, method="seqft", num_tasks=1, max_steps_per_task=2)).run()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["params"][0]["added"] == 0
     assert metrics["params"][0]["trainable"] == metrics["params"][0]["total"]
-    method = get_method("seqft")(tiny_model().model, None, get_method("seqft").config_class(), 1)
+    cls, cfg = resolve_method("seqft")
+    method = cls(tiny_model().model, None, cfg, 1)
     import torch
 
     state = torch.load(run_dir / "state" / "after-1.pt", weights_only=True)

@@ -26,7 +26,7 @@ def _method(name: str = "lwf", num_tasks: int = 2, **knobs):
 
     cls = get_method(name)
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(**knobs), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cls.default_config(knobs), num_tasks=num_tasks)
 
 
 def test_distillation_is_zero_before_task_2_updates_and_reaches_only_trainable_parameters():
@@ -93,14 +93,14 @@ def test_paper_and_trace_kl_directions_on_hand_made_logits():
 
 def test_bad_lwf_knobs_are_one_line_errors():
     """If this fails, `--set temperature=0` (a division by zero) or a typo in positions runs silently."""
-    from clbench.config import ConfigError, build
+    from clbench.config import ConfigError
     from clbench.registry import get_method
 
-    cls = get_method("lwf").config_class
+    cls = get_method("lwf")
     for knobs, word in (({"temperature": 0}, "temperature"), ({"positions": "prompt"}, "positions"),
                         ({"lwf_lambda": -1}, "lwf_lambda")):
         with pytest.raises(ConfigError, match=word):
-            build(cls, knobs)
+            cls.default_config(knobs)
 
 
 def test_killed_run_resumes_mid_order_with_identical_predictions(tmp_path, trace_dir):

@@ -17,7 +17,7 @@ def _method(num_tasks: int = 2, **knobs):
 
     cls = get_method("moe-lora")
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(**knobs), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cls.default_config(knobs), num_tasks=num_tasks)
 
 
 def _batch(n: int = 3, tokens: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -134,8 +134,8 @@ def test_moe_lora_runs_through_the_harness_and_counts_its_parameters(tmp_path, t
 
 def test_bad_knobs_are_refused():
     """If this fails, a rank that the experts cannot split evenly runs silently with the wrong size."""
-    from clbench.config import ConfigError, build
+    from clbench.config import ConfigError
     from clbench.registry import get_method
 
     with pytest.raises(ConfigError, match="multiple of num_experts"):
-        build(get_method("moe-lora").config_class, {"r": 6, "num_experts": 4})
+        get_method("moe-lora").default_config({"r": 6, "num_experts": 4})

@@ -398,7 +398,7 @@ def test_every_knob_is_settable_and_typos_are_named():
     with pytest.raises(ConfigError, match="top_k"):
         build(cls.config_class, {"topk": 3})
     with pytest.raises(ConfigError, match="budget"):
-        build(cls.config_class, {"budget": 5, "top_k": 4})
+        cls.default_config({"budget": 5, "top_k": 4})
     with pytest.raises(ConfigError, match="key_layer"):
         _moses(layers=[2, 3], key_layer=2)
     # MoSE layers from layer 0: the query comes from the token embeddings (key_layer -1)

@@ -27,7 +27,7 @@ def _method(num_tasks: int = 2, **knobs):
 
     cls = get_method("ogd")
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(**knobs), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cls.default_config(knobs), num_tasks=num_tasks)
 
 
 def test_projection_and_gram_schmidt_on_hand_made_vectors():
@@ -85,16 +85,16 @@ def test_ogd_update_on_the_tiny_model_is_orthogonal_to_stored_directions():
 def test_bad_ogd_knobs_are_one_line_errors():
     """If this fails, a typo in ogd_direction/optimizer, or weight decay with SGD (which breaks orthogonality), runs
     silently."""
-    from clbench.config import ConfigError, build
+    from clbench.config import ConfigError
     from clbench.registry import get_method
 
-    cls = get_method("ogd").config_class
+    cls = get_method("ogd")
     for knobs, word in (({"ogd_direction": "all"}, "ogd_direction"), ({"optimizer": "adam"}, "optimizer"),
                         ({"optimizer": "sgd", "weight_decay": 0.01}, "weight_decay"),
                         ({"memory_per_task": 0}, "memory_per_task")):
         with pytest.raises(ConfigError, match=word):
-            build(cls, knobs)
-    build(cls, {"optimizer": "adamw", "weight_decay": 0.01})  # TRACE's setting is allowed
+            cls.default_config(knobs)
+    cls.default_config({"optimizer": "adamw", "weight_decay": 0.01})  # TRACE's setting is allowed
 
 
 @pytest.mark.parametrize("direction", ["gtl", "loss"])

@@ -15,7 +15,7 @@ def _olora(num_tasks: int = 3, **knobs):
 
     cls = get_method("olora")
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(**knobs), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cls.default_config(knobs), num_tasks=num_tasks)
 
 
 def adapter_name(t: int) -> str:

@@ -23,8 +23,11 @@ from clbench.method import CLMethod, MethodConfig
 
 @dataclass
 class ToyNormConfig(MethodConfig):
-    """Toy knobs."""
+    """Toy knobs; it ships no YAML, so its dataclass gives every default."""
 
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
     norm_only: bool = True
 
 

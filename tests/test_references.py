@@ -13,11 +13,11 @@ from clbench.benchmark import Collator
 
 def _per_task_lora(num_tasks: int = 2):
     from clbench.models import tiny_model
-    from clbench.registry import get_method
+    from clbench.run_plan import resolve_method
 
-    cls = get_method("per-task-lora")
+    cls, cfg = resolve_method("per-task-lora")
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cfg, num_tasks=num_tasks)
 
 
 def adapter_name(t: int) -> str:

@@ -27,7 +27,7 @@ def _method(name: str, num_tasks: int = 3, **knobs):
 
     cls = get_method(name)
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(**knobs), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cls.default_config(knobs), num_tasks=num_tasks)
 
 
 # ---- replay ---------------------------------------------------------------------------------------------------------
@@ -51,14 +51,14 @@ def test_replay_mixes_the_configured_fraction_of_earlier_training_data_only():
 
 def test_replay_keeps_at_least_one_record_and_rejects_bad_fractions():
     """If this fails, a small task is never replayed, or a typo like replay_fraction=10 runs silently."""
-    from clbench.config import ConfigError, build
+    from clbench.config import ConfigError
     from clbench.registry import get_method
 
     method = _method("replay", replay_fraction=0.01)
     assert method.memory_size(20) == 1 and method.memory_size(1000) == 10
     assert _method("replay", replay_fraction=0.0).train_examples(1, _tasks()) == _tasks()[1].train
     with pytest.raises(ConfigError, match="replay_fraction"):
-        build(get_method("replay").config_class, {"replay_fraction": 10})
+        get_method("replay").default_config({"replay_fraction": 10})
 
 
 # ---- EWC ------------------------------------------------------------------------------------------------------------

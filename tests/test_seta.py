@@ -34,7 +34,7 @@ def _method(num_tasks: int = 3, **knobs):
 
     cls = get_method("seta")
     loaded = tiny_model()
-    return cls(loaded.model, loaded.tokenizer, cls.config_class(**knobs), num_tasks=num_tasks)
+    return cls(loaded.model, loaded.tokenizer, cls.default_config(knobs), num_tasks=num_tasks)
 
 
 def _loader(method, task: Task) -> DataLoader:
@@ -284,13 +284,13 @@ def test_seta_run_resumes_with_identical_predictions_and_reports_gate_drift(tmp_
 
 def test_bad_knobs_are_refused():
     """If this fails, an impossible SETA budget or threshold runs silently instead of stopping with one line."""
-    from clbench.config import ConfigError, build
+    from clbench.config import ConfigError
     from clbench.registry import get_method
 
-    cls = get_method("seta").config_class
+    cls = get_method("seta")
     with pytest.raises(ConfigError, match="shared_blocks \\+ unique_blocks"):
-        build(cls, {"num_blocks": 4, "shared_blocks": 3, "unique_blocks": 2})
+        cls.default_config({"num_blocks": 4, "shared_blocks": 3, "unique_blocks": 2})
     with pytest.raises(ConfigError, match="threshold"):
-        build(cls, {"threshold": 1.5})
+        cls.default_config({"threshold": 1.5})
     with pytest.raises(ConfigError, match="memory_size"):
-        build(cls, {"memory_size": 0})
+        cls.default_config({"memory_size": 0})

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
@@ -36,6 +35,8 @@ from typing import Any
 
 import torch
 
+from clbench import bench_tables
+from clbench.bench_tables import median, ratio
 from clbench.benchmark import Collator, DataError, Task, TaskSpec
 from clbench.config import ConfigError
 from clbench.method import CLMethod, MethodConfig
@@ -272,7 +273,8 @@ def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.devic
 
     frozen = frozen_torch_dtype(cfg.frozen_dtype, cfg.precision)
     if name == BASE:
-        method = CLMethod(loaded.model, loaded.tokenizer, MethodConfig(), num_tasks=1)
+        no_knobs = MethodConfig(lr=0.0, weight_decay=0.0, warmup_steps=0)  # the base model only runs inference
+        method = CLMethod(loaded.model, loaded.tokenizer, no_knobs, num_tasks=1)
         if frozen is not None:
             method.store_frozen_linears(frozen)
         return _Entry(name, method.to(device), None)
@@ -421,25 +423,17 @@ def _knobs_text(knobs: dict[str, Any]) -> str:
     return " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in knobs.items())
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
 def _row(entry: _Entry, batch_size: int) -> dict[str, Any]:
     # the method's own count (pre-allocating methods exclude rows that never get a gradient); base class: requires_grad
     trainable = entry.method.param_report()["trainable"] if entry.optimizer is not None else 0
     return {
         "method": entry.name, "trainable_params": trainable,
-        "train_step_ms": 1000 * _median(entry.train_s),
+        "train_step_ms": 1000 * median(entry.train_s),
         "train_step_ms_min": 1000 * min(entry.train_s) if entry.train_s else math.nan,
-        "infer_ms_per_example": 1000 * _median(entry.infer_s) / batch_size,
+        "infer_ms_per_example": 1000 * median(entry.infer_s) / batch_size,
         "infer_ms_per_example_min": 1000 * min(entry.infer_s) / batch_size if entry.infer_s else math.nan,
         "train_peak_mem_mb": entry.train_mem, "infer_peak_mem_mb": entry.infer_mem,
     }
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -452,54 +446,26 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
                                  ("infer_vs_base", "infer_ms_per_example", base),
                                  ("train_mem_vs_base", "train_peak_mem_mb", base),
                                  ("infer_mem_vs_base", "infer_peak_mem_mb", base)):
-            row[key] = _ratio(row[metric], ref[metric]) if ref else math.nan
+            row[key] = ratio(row[metric], ref[metric]) if ref else math.nan
 
 
 def write_results(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """``<out>/<name or timestamp>.csv`` (one row per contender, :data:`COLUMNS`) and ``.json`` (everything)."""
-    import pandas as pd
-
-    from clbench.results import atomic_write_json, atomic_write_text
-
-    out = Path(out)
-    stem = results["name"] or results["timestamp"].replace(":", "").replace("-", "")
-    frame = pd.DataFrame(results["rows"], columns=COLUMNS)
-    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
-    atomic_write_text(csv_path, frame.to_csv(index=False, float_format="%.4f"))
-    atomic_write_json(json_path, results)
-    return csv_path, json_path
+    return bench_tables.write_results(results, out, COLUMNS)
 
 
 def print_results(results: dict[str, Any], console: Any = None) -> None:
     """A rich table: times, memory, trainable parameters and the ratios against lora and the base model."""
-    from rich.console import Console
-    from rich.table import Table
-
-    # piped output defaults to 80 columns, which folds every header; the table needs about 130
-    console = console or Console(width=None if sys.stdout.isatty() else 140)
     settings = results["settings"]
-    table = Table(title=f"clbench bench · {settings['model']} · {results['device']} · {settings['precision']} · "
-                        f"batch {settings['batch_size']} · {settings['steps']} steps"
-                        + (f" · frozen weights {settings['frozen_dtype']}" if settings.get("frozen_dtype") else ""),
-                  caption=f"memory: {results['memory_kind']}; data: {results['data']}" + "".join(
-                      f"\n{row['method']}: {row['knobs']}" for row in results["rows"] if row.get("knobs")))
+    title = (f"clbench bench · {settings['model']} · {results['device']} · {settings['precision']} · "
+             f"batch {settings['batch_size']} · {settings['steps']} steps"
+             + (f" · frozen weights {settings['frozen_dtype']}" if settings.get("frozen_dtype") else ""))
+    caption = f"memory: {results['memory_kind']}; data: {results['data']}" + "".join(
+        f"\n{row['method']}: {row['knobs']}" for row in results["rows"] if row.get("knobs"))
     heads = [("method", "method", None), ("trainable", "trainable_params", ",d"),
              ("train ms/step", "train_step_ms", ".1f"), ("× lora", "train_vs_lora", ".2f"),
              ("infer ms/ex", "infer_ms_per_example", ".1f"), ("× lora", "infer_vs_lora", ".2f"),
              ("× base", "infer_vs_base", ".2f"), ("train MiB", "train_peak_mem_mb", ".0f"),
              ("× lora", "train_mem_vs_lora", ".2f"), ("infer MiB", "infer_peak_mem_mb", ".0f"),
              ("× base", "infer_mem_vs_base", ".2f")]
-    for label, _, _ in heads:
-        table.add_column(label, justify="left" if label == "method" else "right", no_wrap=True)
-    for row in results["rows"]:
-        cells = []
-        for _, key, spec in heads:
-            value = row[key]
-            if spec is None:
-                cells.append(str(value))
-            elif isinstance(value, float) and math.isnan(value):
-                cells.append("")
-            else:
-                cells.append(format(value, spec))
-        table.add_row(*cells)
-    console.print(table)
+    bench_tables.print_table(results["rows"], heads, title, caption, console)

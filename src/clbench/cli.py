@@ -193,6 +193,25 @@ def bench(
     typer.echo(f"wrote {csv_path} and {json_path}", err=True)
 
 
+@dataclass_command(app, "clbench.bench_overhead:OverheadConfig", panel="Overhead settings", name="bench-overhead")
+def bench_overhead(**given: Any) -> None:
+    """Training-loop overhead: the harness's Lightning fit vs a bare torch loop on the same batches, interleaved."""
+    from rich.console import Console
+
+    from clbench.bench_overhead import OverheadConfig, print_results, run_overhead, write_results
+
+    console = Console(stderr=True)
+    try:
+        cfg = OverheadConfig(**given)
+        results = run_overhead(cfg, log=lambda line: console.print(f"[dim]{line}[/]"),
+                               on_round=lambda partial: write_results(partial, cfg.out))  # finished rounds kept
+    except _user_errors() as err:
+        fail(str(err))
+    print_results(results)
+    csv_path, json_path = write_results(results, cfg.out)
+    typer.echo(f"wrote {csv_path} and {json_path}", err=True)
+
+
 @app.command()
 def sweep(
     grid: Annotated[str, typer.Argument(help="grid YAML: methods, seeds, orders, knob_sets, benchmark, model, "

@@ -73,13 +73,19 @@ def gather_by_index(records: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
     return sorted(merged.items())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MethodConfig:
-    """Knobs every method has; subclasses add theirs (``config_class``)."""
+    """Knobs every method has; subclasses add theirs (``config_class``).
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    Fields carry types, not defaults: a built-in method's defaults live in one place, its
+    ``configs/methods/<name>.yaml`` (commented, cited, and what ``clbench tune`` studies start from), which
+    ``run_plan.resolve_method`` reads under every run, bench and tune. A third-party method that ships no YAML gives its
+    defaults in its own dataclass, which is then its one source. kw_only, so a subclass may add fields without defaults.
+    """
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int
 
     # knobs added after run folders were published (see clbench.config.config_identity)
     identity_if_set: ClassVar[tuple[str, ...]] = ()
@@ -103,6 +109,16 @@ class CLMethod(L.LightningModule):
     supports_oracle_task_id: ClassVar[bool] = False
     ddp_find_unused_parameters: ClassVar[bool] = False
     end_task_on_training_device: ClassVar[bool] = False
+
+    @classmethod
+    def default_config(cls, overrides: dict[str, Any] | None = None, where: str | None = None) -> Any:
+        """``config_class`` built from the method's ``configs/methods/<name>.yaml`` (its one default source) with
+        ``overrides`` on top; an unknown key is a ConfigError naming the nearest knob (``where`` says whose)."""
+        from clbench.config import build
+        from clbench.configs_dir import method_defaults
+
+        return build(cls.config_class, {**method_defaults(cls.name), **(overrides or {})},
+                     where=where or f"method '{cls.name}' config")
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: MethodConfig, num_tasks: int):
         super().__init__()

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from clbench import cl_metrics, registry
 from clbench.benchmark import Benchmark, Task, TaskSpec, _split_manifest, manifest_digest
-from clbench.config import ConfigError, build, config_identity
-from clbench.configs_dir import method_defaults
+from clbench.config import ConfigError, config_identity
 from clbench.run_config import EVAL_ROWS, NOT_IDENTITY, SCORE_SPLITS, RunConfig, frozen_torch_dtype
 
 if TYPE_CHECKING:
@@ -36,9 +35,7 @@ def resolve_method(name: str, overrides: dict[str, Any] | None = None, where: st
     """Method ``name``'s class and its config: ``configs/methods/<name>.yaml`` < ``overrides`` (unknown keys are an
     error naming the nearest valid one; ``where`` says what the config belongs to in that error)."""
     method_cls = registry.get_method(name)  # first: an unknown method is named as such, not as a bad knob
-    method_cfg = build(method_cls.config_class, {**method_defaults(name), **(overrides or {})},
-                       where=where or f"method '{name}' config")
-    return method_cls, method_cfg
+    return method_cls, method_cls.default_config(overrides, where)
 
 
 def check_strategy(cfg: RunConfig) -> None:

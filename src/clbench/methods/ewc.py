@@ -36,13 +36,13 @@ from ._importance import mean_squared_gradients
 from .lora import LoRA, LoRAMethodConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EWCConfig(LoRAMethodConfig):
     """EWC knobs: the LoRA shape plus the penalty weight and how the Fisher is estimated and accumulated."""
 
-    ewc_lambda: float = 400.0  # λ in (λ/2) Σ F (θ − θ*)² (TRACE: lambda_ewc = 400)
-    fisher_max_batches: int = 16  # training batches per task for the Fisher pass (0 = the whole loader)
-    fisher_decay: float = 1.0  # γ in F ← γ F + F_t: 1 = sum over tasks, < 1 = online EWC
+    ewc_lambda: float  # λ in (λ/2) Σ F (θ − θ*)² (TRACE: lambda_ewc = 400)
+    fisher_max_batches: int  # training batches per task for the Fisher pass (0 = the whole loader)
+    fisher_decay: float  # γ in F ← γ F + F_t: 1 = sum over tasks, < 1 = online EWC
 
     def __post_init__(self) -> None:
         if self.ewc_lambda < 0:

@@ -144,13 +144,13 @@ def loss_gradient(method: Any, records: list[dict[str, Any]], collate: Any, para
 
 
 # ---- configs
-@dataclass
+@dataclass(kw_only=True)
 class EpisodicMemoryConfig(LoRAMethodConfig):
     """Knobs shared by GEM and A-GEM: the LoRA shape plus the episodic memory."""
 
-    memory_per_task: int = 16  # records of each finished task's training split kept in its memory M_k
-    memory_batch_size: int = 8  # records per forward when computing a memory gradient (memory use only)
-    memory_seed: int | None = None  # seed of the memory draw; None = the run's seed
+    memory_per_task: int  # records of each finished task's training split kept in its memory M_k
+    memory_batch_size: int  # records per forward when computing a memory gradient (memory use only)
+    memory_seed: int | None  # seed of the memory draw; None = the run's seed
 
     def __post_init__(self) -> None:
         if self.memory_per_task < 1:
@@ -159,12 +159,12 @@ class EpisodicMemoryConfig(LoRAMethodConfig):
             raise ValueError(f"memory_batch_size must be >= 1, got {self.memory_batch_size}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GEMConfig(EpisodicMemoryConfig):
     """GEM knobs: the memory plus the QP's margin γ and relative regulariser ε."""
 
-    margin: float = 0.5  # γ ≥ 0 of the paper (v ≥ γ in the dual QP); 0.5 as in GEM's experiments and TRACE
-    qp_eps: float = 1e-3  # ε added to G Gᵀ's diagonal (relative to its mean) only when G Gᵀ is singular
+    margin: float  # γ ≥ 0 of the paper (v ≥ γ in the dual QP); 0.5 as in GEM's experiments and TRACE
+    qp_eps: float  # ε added to G Gᵀ's diagonal (relative to its mean) only when G Gᵀ is singular
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -174,11 +174,11 @@ class GEMConfig(EpisodicMemoryConfig):
             raise ValueError(f"qp_eps must be >= 0, got {self.qp_eps}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AGEMConfig(EpisodicMemoryConfig):
     """A-GEM knobs: the memory plus the size of the reference batch drawn from it at each step."""
 
-    ref_batch_size: int = 8  # records of ⋃_{k<t} M_k whose loss gradient is g_ref at each step
+    ref_batch_size: int  # records of ⋃_{k<t} M_k whose loss gradient is g_ref at each step
 
     def __post_init__(self) -> None:
         super().__post_init__()

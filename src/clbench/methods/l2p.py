@@ -51,19 +51,16 @@ from ._prompts import (
 KEY_INITS = ("uniform", "trace")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class L2PConfig(MethodConfig):
     """L2P knobs (defaults in configs/methods/l2p.yaml)."""
 
-    # our choice, not measured on the bundled model: AdamW value usual for soft prompts on decoder LLMs (the paper's
-    # ViT runs use 0.03 with Adam on batch 128); prompts and keys share it, as in the paper
-    lr: float = 3e-2
-    pool_size: int = 10  # M, prompts (and keys) in the pool (the paper and TRACE: 10)
-    prompt_length: int = 5  # L_p, vectors per prompt (the paper and TRACE: 5)
-    top_k: int = 5  # N, prompts each example reads (the paper: 5; TRACE: 3)
-    pull_weight: float = 0.5  # λ of the pull term (TRACE: 0.5)
-    query_layer: int | None = None  # h_ℓ for q(x): None = last layer (the paper), -1 = token embeddings (TRACE)
-    key_init: str = "uniform"  # uniform: learned keys ~ U(-1, 1) (the paper's code); trace: TRACE's fixed keys
+    pool_size: int  # M, prompts (and keys) in the pool (the paper and TRACE: 10)
+    prompt_length: int  # L_p, vectors per prompt (the paper and TRACE: 5)
+    top_k: int  # N, prompts each example reads (the paper: 5; TRACE: 3)
+    pull_weight: float  # λ of the pull term (TRACE: 0.5)
+    query_layer: int | None  # h_ℓ for q(x): None = last layer (the paper), -1 = token embeddings (TRACE)
+    key_init: str  # uniform: learned keys ~ U(-1, 1) (the paper's code); trace: TRACE's fixed keys
 
     def __post_init__(self) -> None:
         if self.pool_size < 1 or self.prompt_length < 1:

@@ -6,7 +6,7 @@ start. The same (A, B) is trained on task after task, so nothing protects earlie
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from peft import LoraConfig, get_peft_model
@@ -15,17 +15,17 @@ from clbench.method import CLMethod, MethodConfig
 from clbench.registry import register_method
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoRAMethodConfig(MethodConfig):
     """LoRA knobs (peft's names)."""
 
     # TRACE's adapter for its LoRA, O-LoRA and OGD baselines: LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1)
     # (training/main.py @462e39f). One default everywhere, so a trace-mini number and a TRACE number use one adapter.
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = None  # decoder layers to adapt (peft's layers_to_transform); None = all
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
+    layers: list[int] | None  # decoder layers to adapt (peft's layers_to_transform); None = all
     # added after the published runs (which all adapt every layer); unset, it keeps their folders' identity
     identity_if_set: ClassVar[tuple[str, ...]] = ("layers",)
 

@@ -42,14 +42,14 @@ from .lora import LoRA, LoRAMethodConfig
 POSITIONS = ("tokens", "answer")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LwFConfig(LoRAMethodConfig):
     """LwF knobs: the LoRA shape plus the distillation weight, temperature and which positions are distilled."""
 
-    lwf_lambda: float = 1.0  # λ_o of the paper: weight of the distillation term
-    temperature: float = 2.0  # T of the paper (softmax(z / T) for teacher and student)
-    positions: str = "tokens"  # "tokens" = every non-padding position, "answer" = positions predicting the answer
-    trace_kl: bool = False  # TRACE's loss: KL(student ‖ teacher), padding included, divided by the batch size
+    lwf_lambda: float  # λ_o of the paper: weight of the distillation term
+    temperature: float  # T of the paper (softmax(z / T) for teacher and student)
+    positions: str  # "tokens" = every non-padding position, "answer" = positions predicting the answer
+    trace_kl: bool  # TRACE's loss: KL(student ‖ teacher), padding included, divided by the batch size
 
     def __post_init__(self) -> None:
         if self.lwf_lambda < 0:

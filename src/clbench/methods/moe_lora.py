@@ -32,7 +32,7 @@ Nothing protects earlier tasks: experts and routers train through every task (th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,17 +46,17 @@ from clbench.registry import register_method
 from ._experts import ExpertLinear, Router, inject
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MoELoRAConfig(MethodConfig):
     """MoE-LoRA knobs (defaults in configs/methods/moe-lora.yaml; docs/methods/moe-lora.md explains each)."""
 
-    r: int = 8  # total rank r; each of the E experts has rank r / E
-    num_experts: int = 4  # E, LoRA experts per target linear
-    alpha: float = 16.0  # scaling s = alpha / (r / E)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = None  # transformer layers with MoE-LoRA layers; None = all
-    top_k: int = 0  # k experts kept per token; 0 (or >= E) = dense routing
-    balance_weight: float = 0.0  # w of the LoRAMoE balance loss (CV² of expert importance); 0 = off
+    r: int  # total rank r; each of the E experts has rank r / E
+    num_experts: int  # E, LoRA experts per target linear
+    alpha: float  # scaling s = alpha / (r / E)
+    target_modules: list[str]
+    layers: list[int] | None  # transformer layers with MoE-LoRA layers; None = all
+    top_k: int  # k experts kept per token; 0 (or >= E) = dense routing
+    balance_weight: float  # w of the LoRAMoE balance loss (CV² of expert importance); 0 = off
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.r < 1 or self.r % self.num_experts:

@@ -87,14 +87,14 @@ def add_to_basis(basis: torch.Tensor, used: int, directions: torch.Tensor, tol: 
     return used
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OGDConfig(LoRAMethodConfig):
     """OGD knobs: the LoRA shape, the directions stored per task and the optimiser that steps on g̃."""
 
-    memory_per_task: int = 150  # m: directions stored per finished task (TRACE: max_memories = 150)
-    ogd_direction: str = "gtl"  # "gtl" = ∇ of ground-truth logits (paper's OGD-GTL), "loss" = ∇ of the example's NLL
-    optimizer: str = "sgd"  # "sgd" = paper (the update ⟂ directions), "adamw" = TRACE (only the gradient is ⟂)
-    memory_seed: int | None = None  # seed of the example draw; None = the run's seed
+    memory_per_task: int  # m: directions stored per finished task (TRACE: max_memories = 150)
+    ogd_direction: str  # "gtl" = ∇ of ground-truth logits (paper's OGD-GTL), "loss" = ∇ of the example's NLL
+    optimizer: str  # "sgd" = paper (the update ⟂ directions), "adamw" = TRACE (only the gradient is ⟂)
+    memory_seed: int | None  # seed of the example draw; None = the run's seed
 
     def __post_init__(self) -> None:
         if self.memory_per_task < 1:

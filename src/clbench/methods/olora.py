@@ -32,12 +32,12 @@ from ._peft_tasks import TaskAdapters
 from .lora import LoRAMethodConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OLoRAConfig(LoRAMethodConfig):
     """O-LoRA knobs: the LoRA shape of every task's adapter plus the two loss weights."""
 
-    lambda_orth: float = 0.5  # λ1, weight of Σ |A_i A_tᵀ| (TRACE: lamda_1 = 0.5)
-    lambda_l2: float = 0.0  # λ2, weight of ‖(A_t, B_t)‖² (TRACE: lamda_2 = 0)
+    lambda_orth: float  # λ1, weight of Σ |A_i A_tᵀ| (TRACE: lamda_1 = 0.5)
+    lambda_l2: float  # λ2, weight of ‖(A_t, B_t)‖² (TRACE: lamda_2 = 0)
 
     def __post_init__(self) -> None:
         if self.lambda_orth < 0 or self.lambda_l2 < 0:

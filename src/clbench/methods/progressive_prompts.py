@@ -35,18 +35,15 @@ from ._prompts import generate_with_prefix, prefixed_forward, vocab_prompt_init
 MLP_KINDS = ("none", "residual", "trace")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProgressivePromptsConfig(MethodConfig):
     """Progressive Prompts knobs (defaults in configs/methods/progressive-prompts.yaml)."""
 
-    # our choice, not measured on the bundled model: the paper's T5 runs use 0.3 (Adafactor-style prompt tuning),
-    # its BERT runs 3e-5; 3e-2 is the usual AdamW value for soft prompts on decoder LLMs
-    lr: float = 3e-2
-    prompt_length: int = 10  # L, vectors per task (the paper's and its code's 10; TRACE uses 20)
-    mlp: str = "none"  # reparameterisation: none | residual (paper) | trace (TRACE's deeper MLP2)
-    mlp_bottleneck: int = 800  # hidden width of the reparameterisation MLP (the paper's code: 800)
-    init_scale: float = 1.0  # P_k starts at L random vocabulary embeddings times this (TRACE: 0.01)
-    init_from_previous: bool = False  # TRACE: P_k starts where P_{k-1} ended instead of a fresh draw
+    prompt_length: int  # L, vectors per task (the paper's and its code's 10; TRACE uses 20)
+    mlp: str  # reparameterisation: none | residual (paper) | trace (TRACE's deeper MLP2)
+    mlp_bottleneck: int  # hidden width of the reparameterisation MLP (the paper's code: 800)
+    init_scale: float  # P_k starts at L random vocabulary embeddings times this (TRACE: 0.01)
+    init_from_previous: bool  # TRACE: P_k starts where P_{k-1} ended instead of a fresh draw
 
     def __post_init__(self) -> None:
         if self.prompt_length < 1:

@@ -31,15 +31,15 @@ from clbench.registry import register_method
 from .lora import LoRA, LoRAMethodConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReplayConfig(LoRAMethodConfig):
     """Replay knobs: the LoRA shape plus the memory size and its sampling seed."""
 
-    replay_fraction: float = 0.1  # ρ: share of each earlier task's training split kept in the memory
-    replay_seed: int | None = None  # seed of the memory draw; None = the run's seed
+    replay_fraction: float  # ρ: share of each earlier task's training split kept in the memory
+    replay_seed: int | None  # seed of the memory draw; None = the run's seed
     # "mixed": memories shuffled into task t's batches; "trace": TRACE's schedule, a separate 1-epoch pass over the
     # first ⌊ρ·n⌋ records of each earlier task after task t (see the module docstring)
-    schedule: str = "mixed"
+    schedule: str
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.replay_fraction <= 1.0:

@@ -8,11 +8,9 @@ from clbench.method import CLMethod, MethodConfig
 from clbench.registry import register_method
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SeqFTConfig(MethodConfig):
-    """Full fine-tuning uses a smaller learning rate than adapters."""
-
-    lr: float = 2e-5
+    """Full fine-tuning has only the common knobs (its smaller lr is in configs/methods/seqft.yaml)."""
 
 
 @register_method("seqft")

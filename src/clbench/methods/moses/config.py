@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from clbench.method import MethodConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MoSEsConfig(MethodConfig):
     """MoSEs knobs. ``top_k`` is the task's mask (experts it may use per layer), ``experts_per_input`` the sparse
     per-input choice among them; ``experts_per_input = top_k`` is the per-task routing of the first version."""
 
-    # 3e-3, not LoRA's 1e-3: with experts in half the layers, 1e-3 left C-STANCE at 0.33 after 50 steps (0.75 at 3e-3)
-    lr: float = 3e-3  # learning rate of the task's new sub-experts (A_e, B_e)
-    num_experts: int = 32  # N, sub-experts in the pool of every MoSE layer
-    top_k: int = 4  # k, sub-experts a task may use per layer (its mask: its own plus the ones it borrows)
-    experts_per_input: int = 2  # k_x, experts of the mask each example activates (top-k_x of its router scores)
-    rank: int = 2  # r_s, rank of every sub-expert
-    alpha: float = 16.0  # scaling s = alpha / r_s
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = None  # transformer layers with MoSE layers; None = the upper half
-    budget: int = 2  # b, most new sub-experts a task may add per layer (task 0 takes k)
-    temperature: float = 1.0  # temperature of the router softmax (and of the per-input scores)
-    key_layer: int | None = None  # hidden state after this layer is the query; None = first MoSE layer - 1
-    pull_weight: float = 0.5  # λ_p, weight of the pull constraint 1 - cos(q(x), k_t) (L2P: 0.5)
-    key_init: str = "first_batch"  # "first_batch": k_t starts at its first batch's mean query; "random"
-    new_expert_score: float = 0.1  # head start of the fresh slots' mask scores, so a task starts with its budget
-    prompt_length: int = 8  # L, task prompt P_t: L vectors added at the key layer in front of the input; 0 = off
-    router_lr: float = 3e-3  # learning rate of the task's router W_r^t
-    score_lr: float = 1e-2  # learning rate of the task's mask scores u_t
-    key_lr: float = 1e-2  # learning rate of the task's key k_t (and of its prompt P_t, as L2P trains both alike)
+    num_experts: int  # N, sub-experts in the pool of every MoSE layer
+    top_k: int  # k, sub-experts a task may use per layer (its mask: its own plus the ones it borrows)
+    experts_per_input: int  # k_x, experts of the mask each example activates (top-k_x of its router scores)
+    rank: int  # r_s, rank of every sub-expert
+    alpha: float  # scaling s = alpha / r_s
+    target_modules: list[str]
+    layers: list[int] | None  # transformer layers with MoSE layers; None = the upper half
+    budget: int  # b, most new sub-experts a task may add per layer (task 0 takes k)
+    temperature: float  # temperature of the router softmax (and of the per-input scores)
+    key_layer: int | None  # hidden state after this layer is the query; None = first MoSE layer - 1
+    pull_weight: float  # λ_p, weight of the pull constraint 1 - cos(q(x), k_t) (L2P: 0.5)
+    key_init: str  # "first_batch": k_t starts at its first batch's mean query; "random"
+    new_expert_score: float  # head start of the fresh slots' mask scores, so a task starts with its budget
+    prompt_length: int  # L, task prompt P_t: L vectors added at the key layer in front of the input; 0 = off
+    router_lr: float  # learning rate of the task's router W_r^t
+    score_lr: float  # learning rate of the task's mask scores u_t
+    key_lr: float  # learning rate of the task's key k_t (and of its prompt P_t, as L2P trains both alike)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:

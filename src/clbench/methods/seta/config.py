@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from clbench.method import MethodConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SETAConfig(MethodConfig):
     """Knobs of SETA (our reading of Siddika et al., 2026; see docs/methods/seta.md).
 
@@ -15,19 +15,19 @@ class SETAConfig(MethodConfig):
     ``shared_blocks`` of them; every task takes at most ``unique_blocks`` free ones as its unique expert.
     """
 
-    num_blocks: int = 40  # M: rank-1 sub-blocks per adapted linear (the parameter budget)
-    shared_blocks: int = 8  # S: sub-blocks the first task makes shared (the shared expert)
-    unique_blocks: int = 4  # most free sub-blocks one task takes as its unique expert, per layer
-    threshold: float | None = None  # relevance: s_m >= threshold * max s; None = dynamic (the group's mean of s/max s)
-    scaling: float = 2.0  # s in y = W0 x + s Σ_m w_m b_m a_m^T x (lora's alpha / r = 16 / 8)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = None  # transformer layers with SETA layers; None = all
-    anchor_weight: float = 1.0  # λ_a of the elastic anchoring λ_a Σ Ω (θ − θ*)² over shared sub-blocks
-    routing_weight: float = 1.0  # λ_r of the routing drift term on stored gate inputs of earlier tasks
-    gate_open_weight: float = 1.0  # λ_o of the term opening task t's own gate output on task t's inputs
-    gate_lr: float = 2e-3  # learning rate of the unified gate (rows of the shared expert and of task t)
-    memory_size: int = 32  # gate inputs (prompt-mean embeddings) kept per task for the drift term and report
-    importance_batches: int = 4  # training batches per task for Ω (per-example squared gradients); 0 = all
+    num_blocks: int  # M: rank-1 sub-blocks per adapted linear (the parameter budget)
+    shared_blocks: int  # S: sub-blocks the first task makes shared (the shared expert)
+    unique_blocks: int  # most free sub-blocks one task takes as its unique expert, per layer
+    threshold: float | None  # relevance: s_m >= threshold * max s; None = dynamic (the group's mean of s/max s)
+    scaling: float  # s in y = W0 x + s Σ_m w_m b_m a_m^T x (lora's alpha / r = 16 / 8)
+    target_modules: list[str]
+    layers: list[int] | None  # transformer layers with SETA layers; None = all
+    anchor_weight: float  # λ_a of the elastic anchoring λ_a Σ Ω (θ − θ*)² over shared sub-blocks
+    routing_weight: float  # λ_r of the routing drift term on stored gate inputs of earlier tasks
+    gate_open_weight: float  # λ_o of the term opening task t's own gate output on task t's inputs
+    gate_lr: float  # learning rate of the unified gate (rows of the shared expert and of task t)
+    memory_size: int  # gate inputs (prompt-mean embeddings) kept per task for the drift term and report
+    importance_batches: int  # training batches per task for Ω (per-example squared gradients); 0 = all
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.shared_blocks < 0 or self.unique_blocks < 0:
