@@ -129,12 +129,14 @@ def uninterrupted(name: str) -> dict[str, Any]:
     """The run that never stops, as the harness drives it: per stage begin_task / fit / finish_task, checkpoint_state,
     predict. Kept: each stage's checkpoint, the requires_grad flags right after each begin_task, and the end state."""
     method = build(name)
-    out: dict[str, Any] = {"checkpoints": {}, "flags": {}, "initial": tensors(method)}
+    out: dict[str, Any] = {"checkpoints": {}, "flags": {}, "reports": {}, "initial": tensors(method),
+                           "base_params": method.base_param_count}
     for t in stages(type(method)):
         begin(method, t)
         out["flags"][t] = flags(method)
         fit_and_finish(method, t)
         out["checkpoints"][t] = method.checkpoint_state()
+        out["reports"][t] = method.param_report()
         out["predictions"] = predict(method)
     out["tensors"] = tensors(method)
     return out
@@ -267,6 +269,19 @@ def _toy() -> _Toy:
     toy = _Toy(loaded.model, loaded.tokenizer)
     toy.begin_task(0, TASKS[0])
     return toy
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_param_report_adds_up_after_every_task(name: str):
+    """If this fails, metrics.json and param_growth.csv give a total that is not the base model plus what the method
+    added (e.g. pre-allocated adapters of later tasks counted in total but not in added), or added shrinks as tasks
+    pass, or more is trainable than exists."""
+    run = uninterrupted(name)
+    added = [report["added"] for _, report in sorted(run["reports"].items())]
+    for t, report in run["reports"].items():
+        assert report["total"] == run["base_params"] + report["added"], (t, report)
+        assert 0 <= report["trainable"] <= report["total"], (t, report)
+    assert added == sorted(added), added
 
 
 def test_finish_task_runs_end_task_in_the_given_context_then_drops_gradients(monkeypatch):

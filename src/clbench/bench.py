@@ -40,6 +40,7 @@ from clbench.bench_tables import median, ratio
 from clbench.benchmark import Collator, DataError, Task, TaskSpec
 from clbench.config import ConfigError
 from clbench.method import CLMethod, MethodConfig
+from clbench.provenance import slow_precision_warning
 
 BASE = "base"
 PRECISIONS = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None, "32": None}
@@ -362,6 +363,9 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
 
     for label, method_name in contenders[1:]:  # an unknown name or knob fails before any model is loaded
         contender_config(label, method_name, cfg)
+    warning = slow_precision_warning(cfg.precision, device.type == "cpu")
+    if warning:
+        log(f"warning: {warning}")
     batches, infer, task, source = make_batches(load_model(cfg.model).tokenizer, cfg)
     batches = [_to(b, device) for b in batches]
     infer = _to(infer, device)

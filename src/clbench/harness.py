@@ -33,6 +33,7 @@ from clbench.datamodule import LoaderSettings, TaskDataModule
 from clbench.evaluation import evaluate_row
 from clbench.method import CLMethod
 from clbench.models import load_model
+from clbench.provenance import slow_precision_warning
 from clbench.results import RunStore
 from clbench.run_config import (  # noqa: F401  (RunConfig, load_run_config, FROZEN_DTYPES: re-exported for callers)
     FROZEN_DTYPES,
@@ -41,7 +42,7 @@ from clbench.run_config import (  # noqa: F401  (RunConfig, load_run_config, FRO
     load_run_config,
 )
 from clbench.run_metrics import run_metrics
-from clbench.run_plan import RunPlan
+from clbench.run_plan import RunPlan, runs_on_cpu
 from clbench.trainer_factory import ThroughputMeter, fit_trainer, make_trainer, quiet_lightning
 
 console = Console(stderr=True)
@@ -123,6 +124,9 @@ class Harness:
         else:
             say(f"[bold]clbench run[/] {cfg.method} on {cfg.benchmark} order {cfg.order} seed {cfg.seed}"
                 f" -> {self.run_dir}")
+        warning = slow_precision_warning(cfg.precision, runs_on_cpu(cfg))
+        if warning:
+            say(f"[yellow]warning[/]: {warning}")
 
         if cfg.zero_shot and 0 not in rows:
             self._evaluate(method, loaders, row=0, label="zero-shot")

@@ -38,11 +38,17 @@ def resolve_method(name: str, overrides: dict[str, Any] | None = None, where: st
     return method_cls, method_cls.default_config(overrides, where)
 
 
+def runs_on_cpu(cfg: RunConfig) -> bool:
+    """Whether the run's accelerator is the CPU (``auto`` without CUDA included)."""
+    import torch
+
+    return cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
+
+
 def check_strategy(cfg: RunConfig) -> None:
     """Refuse strategy/hardware combinations that cannot work, before any model is loaded (no hang, one line)."""
     import importlib.util
 
-    import torch
     from lightning.pytorch.strategies import StrategyRegistry
 
     name = cfg.strategy
@@ -54,8 +60,7 @@ def check_strategy(cfg: RunConfig) -> None:
         raise ConfigError(f"strategy '{name}' is not supported: use --strategy ddp (Lightning's subprocess launcher)")
     if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"strategy '{name}' needs the deepspeed package: pip install deepspeed")
-    on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and (name.startswith("fsdp") or name.startswith("deepspeed")):
+    if runs_on_cpu(cfg) and (name.startswith("fsdp") or name.startswith("deepspeed")):
         raise ConfigError(f"strategy '{name}' needs CUDA GPUs; on CPU use --strategy ddp (gloo)")
 
 

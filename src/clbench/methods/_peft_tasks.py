@@ -80,11 +80,13 @@ class TaskAdapters(CLMethod):
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
     def param_report(self) -> dict[str, int]:
-        """As the base class, but ``added`` counts only the adapters of tasks begun so far (1 per task).
+        """As the base class, but ``added`` counts only the adapters of tasks begun so far (1 per task) and
+        ``total`` is base + added (what a deployment stores).
 
         The adapters of later tasks exist from the start (see the module docstring) but are inactive and B = 0.
         """
         report = super().param_report()
         per_adapter = sum(p.numel() for p in self.adapter_parameters(0).values())
         report["added"] = per_adapter * max(self.current_task + 1, 0)
+        report["total"] = self.base_param_count + report["added"]
         return report
