@@ -306,20 +306,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(entry: _Entry, batch: dict[str, Any], autocast: Callable[[], Any], clip: float | None) -> None:
-    """One optimiser step as the harness takes it: (LM loss + Σ regularizer terms) under autocast, backward, clip,
-    AdamW step."""
-    method = entry.method
-    method.train()
+def optimizer_step(method: CLMethod, batch: dict[str, Any], autocast: Callable[[], Any],
+                   optimizer: torch.optim.Optimizer, clip: float | None, params: list[torch.Tensor] | None = None
+                   ) -> None:
+    """One optimiser step as the harness takes it: (LM loss + Σ regularizer terms) under autocast, backward, clip
+    the norm of ``params`` (default: the trainable parameters), step, zero the gradients."""
     with autocast():
         out = method(batch)
         terms = method.regularizer(batch, out)
         loss = out.loss + sum(terms.values()) if terms else out.loss
     loss.backward()
     if clip:
-        torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), clip)
-    entry.optimizer.step()
-    entry.optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(params if params is not None else method.trainable_parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(entry: _Entry, batch: dict[str, Any], autocast: Callable[[], Any], clip: float | None) -> None:
+    """:func:`optimizer_step` of a contender in train mode."""
+    entry.method.train()
+    optimizer_step(entry.method, batch, autocast, entry.optimizer, clip)
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from clbench import bench_tables
-from clbench.bench import _autocast, _rotations, _sync, _to
+from clbench.bench import _autocast, _rotations, _sync, _to, optimizer_step
 from clbench.bench_tables import median, ratio
 from clbench.config import ConfigError, setting
 from clbench.method import CLMethod
@@ -232,16 +232,7 @@ def bare_loop(method: CLMethod, batches: list[dict[str, Any]], device: torch.dev
     for batch in batches:
         _sync(device)
         starts.append(time.perf_counter())
-        batch = _to(batch, device)
-        with autocast():
-            out = method(batch)
-            terms = method.regularizer(batch, out)
-            loss = out.loss + sum(terms.values()) if terms else out.loss
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(method, _to(batch, device), autocast, opt, clip, params)
         if scheduler is not None:
             scheduler.step()
     _sync(device)
