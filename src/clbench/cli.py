@@ -135,6 +135,29 @@ def report(
 
 
 @app.command()
+def compare(
+    reference: Annotated[str, typer.Argument(help="the run folder the others are compared with")],
+    others: Annotated[list[str], typer.Argument(help="run folders of the same benchmark, order and task count")],
+    out: Annotated[str | None, typer.Option(help="also write the table as this CSV")] = None,
+) -> None:
+    """How far runs of one protocol are apart (another CPU, thread count, precision or seed): ΔR, ΔOP/BWT/FWT and
+    the share of answers whose text changed."""
+    from clbench.compare import compare_runs, print_comparison
+    from clbench.leaderboard import one_line_warnings
+
+    try:
+        with one_line_warnings():
+            table = compare_runs(reference, others)
+    except ConfigError as err:
+        fail(str(err))
+    print_comparison(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False, float_format="%.4f")
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
 def score(
     predictions: Annotated[str, typer.Argument(help="JSON list of {prompt, answer, prediction}")],
     benchmark: Annotated[str, typer.Option()] = "trace",
