@@ -117,4 +117,4 @@ def print_comparison(table: pd.DataFrame, console: Any = None) -> None:
              ("max |ΔR|", "max_abs_dR", ".3f"), ("mean |ΔR|", "mean_abs_dR", ".4f"),
              ("answers changed", "answers_changed", ".1%"), ("of", "answers_compared", ",d")]
     print_table(rows, heads, "clbench compare · differences from the first run",
-                "ΔR over the entries both runs evaluated; answers: predictions whose text differs", console)
+                "ΔR over the entries both runs evaluated; answers: predictions whose text differs", console, width=170)
