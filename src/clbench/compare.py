@@ -108,10 +108,10 @@ def compare_runs(reference: str | Path, others: list[str | Path]) -> pd.DataFram
 
 
 def print_comparison(table: pd.DataFrame, console: Any = None) -> None:
-    """A rich table of :func:`compare_runs`, run folders shortened to their last two parts."""
+    """A rich table of :func:`compare_runs`, run folders shortened to their names."""
     from clbench.bench_tables import print_table
 
-    rows = [{**row, "run": "/".join(Path(row["run"]).parts[-2:])} for row in table.to_dict("records")]
+    rows = [{**row, "run": Path(row["run"]).name} for row in table.to_dict("records")]
     heads = [("run", "run", None), ("differs", "differs", None), ("OP", "OP", ".3f"), ("ΔOP", "dOP", "+.3f"),
              ("BWT", "BWT", ".3f"), ("ΔBWT", "dBWT", "+.3f"), ("FWT", "FWT", ".3f"), ("ΔFWT", "dFWT", "+.3f"),
              ("max |ΔR|", "max_abs_dR", ".3f"), ("mean |ΔR|", "mean_abs_dR", ".4f"),
