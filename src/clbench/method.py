@@ -113,12 +113,23 @@ class CLMethod(L.LightningModule):
     @classmethod
     def default_config(cls, overrides: dict[str, Any] | None = None, where: str | None = None) -> Any:
         """``config_class`` built from the method's ``configs/methods/<name>.yaml`` (its one default source) with
-        ``overrides`` on top; an unknown key is a ConfigError naming the nearest knob (``where`` says whose)."""
+        ``overrides`` on top; an unknown key is a ConfigError naming the nearest knob (``where`` says whose).
+
+        A method that subclasses a registered one (a plugin built on ``LoRA``, say) starts from its ancestors' YAMLs,
+        for the knobs its config shares with theirs, so it needs no YAML of its own unless it adds knobs.
+        """
+        import dataclasses
+
         from clbench.config import build
         from clbench.configs_dir import method_defaults
 
-        return build(cls.config_class, {**method_defaults(cls.name), **(overrides or {})},
-                     where=where or f"method '{cls.name}' config")
+        knobs = {f.name for f in dataclasses.fields(cls.config_class)}
+        values: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):  # the farthest ancestor first, the method's own YAML last
+            name = klass.__dict__.get("name")  # set by registration on that class itself
+            if isinstance(name, str):
+                values.update({k: v for k, v in method_defaults(name).items() if k in knobs})
+        return build(cls.config_class, {**values, **(overrides or {})}, where=where or f"method '{cls.name}' config")
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: MethodConfig, num_tasks: int):
         super().__init__()
