@@ -19,7 +19,6 @@ that is a one-line error.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import yaml
 from clbench.config import ConfigError
 from clbench.leaderboard import load_run
 from clbench.provenance import hardware_class
+from clbench.results import RunStore
 
 COLUMNS = ["run", "differs", "OP", "BWT", "FWT", "dOP", "dBWT", "dFWT", "max_abs_dR", "mean_abs_dR",
            "answers_changed", "answers_compared"]
@@ -54,9 +54,8 @@ def _differences(ref: dict[str, Any], other: dict[str, Any]) -> str:
 
 
 def _predictions(run_dir: Path, row: int, task: str) -> list[str] | None:
-    path = run_dir / "predictions" / f"after-{row}" / f"{task}.json"
     try:
-        return [r["prediction"] for r in json.loads(path.read_text(encoding="utf-8"))]
+        return [r["prediction"] for r in RunStore(run_dir).read_predictions(row, task)]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

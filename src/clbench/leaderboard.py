@@ -26,7 +26,7 @@ import yaml
 
 from clbench import cl_metrics, intervals
 from clbench.provenance import hardware_class
-from clbench.results import DONE
+from clbench.results import DONE, RunStore
 from clbench.run_config import NOT_IDENTITY, NOT_SCORES
 from clbench.scores import example_scores
 
@@ -225,7 +225,7 @@ def example_matrices(run: dict[str, Any]) -> list[np.ndarray] | None:
         for j, task in enumerate(tasks):
             rows: dict[int, list[float]] = {}
             for i in np.flatnonzero(~np.isnan(R[:, j])):
-                recs = json.loads((run_dir / "predictions" / f"after-{i}" / f"{task}.json").read_text(encoding="utf-8"))
+                recs = RunStore(run_dir).read_predictions(int(i), task)
                 rows[int(i)] = example_scores(metric[task], [r["prediction"] for r in recs],
                                               [r["answer"] for r in recs], [r["prompt"] for r in recs])
             sizes = {len(v) for v in rows.values()}

@@ -79,8 +79,9 @@ class MethodConfig:
 
     Fields carry types, not defaults: a built-in method's defaults live in one place, its
     ``configs/methods/<name>.yaml`` (commented, cited, and what ``clbench tune`` studies start from), which
-    ``run_plan.resolve_method`` reads under every run, bench and tune. A third-party method that ships no YAML gives its
-    defaults in its own dataclass, which is then its one source. kw_only, so a subclass may add fields without defaults.
+    :meth:`CLMethod.default_config` reads under every run, bench and tune. A third-party method that ships no YAML
+    inherits the YAML of the registered method it subclasses, or gives its defaults in its own dataclass, which is
+    then its one source. kw_only, so a subclass may add fields without defaults.
     """
 
     lr: float

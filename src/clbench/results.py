@@ -182,9 +182,17 @@ class RunStore:
         if state is not None:
             self.prune_states(row)
 
+    def predictions_path(self, row: int, task: str) -> Path:
+        """``predictions/after-<row>/<Task>.json``."""
+        return self.root / "predictions" / f"after-{row}" / f"{task}.json"
+
     def write_predictions(self, row: int, task: str, records: list[dict[str, str]]) -> None:
-        """``predictions/after-<row>/<Task>.json``: list of {"prompt","answer","prediction"}."""
-        atomic_write_json(self.root / "predictions" / f"after-{row}" / f"{task}.json", records)
+        """:meth:`predictions_path`: list of {"prompt","answer","prediction"}."""
+        atomic_write_json(self.predictions_path(row, task), records)
+
+    def read_predictions(self, row: int, task: str) -> list[dict[str, str]]:
+        """What :meth:`write_predictions` wrote (OSError when absent, ValueError when not JSON)."""
+        return json.loads(self.predictions_path(row, task).read_text(encoding="utf-8"))
 
     # ---- method state -----------------------------------------------------------------------------------------
     def save_state(self, row: int, state: dict[str, torch.Tensor]) -> None:

@@ -97,16 +97,15 @@ def search_space(cfg: TuneConfig) -> dict[str, dict[str, Any]]:
     An unknown knob, a bad spec or a value the knob cannot take is one ConfigError line, before any model loads.
     """
     from clbench import registry
-    from clbench.configs_dir import method_defaults, method_search_space
+    from clbench.configs_dir import method_search_space
 
     where = cfg.space or f"configs/methods/{cfg.method}.yaml search_space"
     space = load_yaml(cfg.space) if cfg.space else method_search_space(cfg.method)
     if not space:
         raise ConfigError(f"method '{cfg.method}' has no search space: add a search_space: block to {where} "
                           f"or pass --space FILE")
-    config_class = registry.get_method(cfg.method).config_class
-    knobs = [f.name for f in dataclasses.fields(config_class)]
-    defaults = method_defaults(cfg.method)
+    method_cls = registry.get_method(cfg.method)
+    knobs = [f.name for f in dataclasses.fields(method_cls.config_class)]
     for knob, spec in space.items():
         if knob not in knobs:
             close = difflib.get_close_matches(knob, knobs, n=1, cutoff=0.5)
@@ -117,8 +116,8 @@ def search_space(cfg: TuneConfig) -> dict[str, dict[str, Any]]:
         _check_spec(knob, spec, where)
         # every value the space can give must build the method's config (types, ranges its __post_init__ checks)
         for value in _corner_values(spec):
-            build(config_class, {**defaults, **cfg.method_config, knob: value},
-                  where=f"method '{cfg.method}' config with {knob}={value!r} from {where}")
+            method_cls.default_config({**cfg.method_config, knob: value},
+                                      where=f"method '{cfg.method}' config with {knob}={value!r} from {where}")
     return space
 
 

@@ -40,6 +40,7 @@ from clbench.benchmark import Collator, Task
 from clbench.config import ConfigError
 from clbench.registry import register_method
 
+from ._prompts import pool
 from .lora import LoRA, LoRAMethodConfig
 
 DISTANCES = ("euclidean", "cosine", "dot")
@@ -159,8 +160,7 @@ class MbPA(LoRA):
                     ids = torch.tensor([p + [pad] * (width - len(p)) for p in chunk], device=self.device)
                     mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in chunk], device=self.device)
                     out = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-                    h, m = out.hidden_states[self.cfg.key_layer].float(), mask.unsqueeze(-1).float()
-                    keys.append((h * m).sum(1) / m.sum(1))
+                    keys.append(pool(out.hidden_states[self.cfg.key_layer], mask))
         finally:
             self.train(was_training)
         return torch.cat(keys)
