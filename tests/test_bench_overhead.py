@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clbench.bench_overhead import COLUMNS, VARIANTS, OverheadConfig, harness_pieces, prepare, run_variant
+from clbench.bench_overhead import COLUMNS, VARIANTS, OverheadConfig, prepare, run_variant
 
 # small enough for seconds on a busy CPU: byte-tokenised trace-mini prompts cut to 48 tokens, batch 2
 TINY = dict(model="tiny", batch_size=2, max_prompt_len=48, max_answer_len=8, precision="bf16-mixed")
@@ -66,13 +66,12 @@ def test_bare_and_harness_loops_reach_the_same_adapter_after_the_same_batches():
     The tolerance is checked to be tight enough to matter: one step fewer, or no clipping, lands outside it."""
     cfg = OverheadConfig(**TINY, batches=5, clip=0.05)  # a clip this low is active at every step of the tiny model
     setup = prepare(cfg)
-    pieces = harness_pieces()
     initial = _params(setup.method)
     start = torch.cat([v.flatten() for v in initial.values()])
 
     def loop(name: str, steps: int | None = None) -> torch.Tensor:
         _restore(setup.method, initial)
-        result = run_variant(setup, VARIANTS[name], cfg, steps=steps, pieces=pieces)
+        result = run_variant(setup, VARIANTS[name], cfg, steps=steps)
         assert len(result.starts) == (steps or cfg.batches)
         return result.final
 

@@ -350,20 +350,48 @@ def _rotations(names: list[Any], rounds: int) -> Iterator[tuple[int, Any]]:
             yield r, item
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block (None: torch's choice); the process (a test session, a notebook)
+    gets its own setting back afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def measurement_header(name: str | None, device: torch.device) -> dict[str, Any]:
+    """What every bench result starts with: name, command, timestamp, device, hardware, threads, versions, commit."""
+    from clbench.provenance import git_commit, hardware, versions
+
+    return {
+        "name": name, "command": " ".join(["clbench", *sys.argv[1:]]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
+        "hardware": hardware(),  # CPU model/ISA, threads, GPU and CUDA versions: speed depends on all of them
+        "torch_threads": torch.get_num_threads(), "versions": versions(), "git_commit": git_commit(),
+    }
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Measure every contender (see the module docstring); returns the results as a JSON-able dict."""
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run_bench(cfg, log)
-    finally:
-        torch.set_num_threads(threads)  # the process (a test session, a notebook) keeps its own setting
 
 
 def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     contenders = [(BASE, BASE), *cfg.contenders()]
     from clbench.models import load_model
 
@@ -413,18 +441,10 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
 
     rows = [{**_row(e, cfg.batch_size), "knobs": _knobs_text(cfg.overrides.get(e.name, {}))} for e in entries]
     _add_ratios(rows)
-    from clbench.provenance import git_commit, hardware, versions
-
     return {
-        "name": cfg.name, "command": " ".join(["clbench", *sys.argv[1:]]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
-        "hardware": hardware(),  # CPU model/ISA, threads, GPU and CUDA versions: speed depends on all of them
-        "torch_threads": torch.get_num_threads(), "memory_kind": memory_kind(device), "data": source,
+        **measurement_header(cfg.name, device), "memory_kind": memory_kind(device), "data": source,
         "train_batch_shapes": [list(b["input_ids"].shape) for b in batches],
-        "infer_batch_shape": list(infer["input_ids"].shape),
-        "settings": asdict(cfg), "versions": versions(), "git_commit": git_commit(), "rows": rows,
+        "infer_batch_shape": list(infer["input_ids"].shape), "settings": asdict(cfg), "rows": rows,
     }
 
 

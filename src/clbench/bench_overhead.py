@@ -37,24 +37,31 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from clbench import bench_tables
-from clbench.bench import _autocast, _rotations, _sync, _to, optimizer_step
+from clbench.bench import (
+    _autocast,
+    _rotations,
+    _sync,
+    _to,
+    measurement_header,
+    optimizer_step,
+    resolve_device,
+    torch_threads,
+)
 from clbench.bench_tables import median, ratio
 from clbench.config import ConfigError, setting
 from clbench.method import CLMethod
+from clbench.trainer_factory import ThroughputMeter, fit_trainer, make_trainer, quiet_lightning
 
 COLUMNS = ["variant", "step_s_median", "step_s_min", "step_s_max", "wall_s_per_step", "vs_bare", "vs_bare_paired",
            "vs_lightning", "steps_timed", "update_norm", "rel_diff_vs_bare", "description"]
@@ -137,40 +144,6 @@ class OverheadConfig:
             raise ConfigError(f"--clip must be > 0, got {self.clip}")
 
 
-# ---- the harness's Lightning pieces -----------------------------------------------------------------------------
-def harness_pieces() -> SimpleNamespace:
-    """``ThroughputMeter``, ``quiet_lightning``, ``make_trainer`` and ``fit_trainer`` (None where missing) from where
-    they live now: :mod:`clbench.trainer_factory`, or the older :mod:`clbench.harness` that held the meter."""
-    try:
-        from clbench import trainer_factory as tf
-
-        return SimpleNamespace(ThroughputMeter=tf.ThroughputMeter, quiet=tf.quiet_lightning,
-                               make_trainer=getattr(tf, "make_trainer", None),
-                               fit_trainer=getattr(tf, "fit_trainer", None), source="clbench.trainer_factory")
-    except ImportError:
-        from clbench import harness
-
-        return SimpleNamespace(ThroughputMeter=harness.ThroughputMeter,
-                               quiet=getattr(harness, "quiet_lightning", getattr(harness, "_quiet_lightning", None)),
-                               make_trainer=None, fit_trainer=None, source="clbench.harness")
-
-
-def _make_trainer(pieces: SimpleNamespace, run_cfg: Any, method_cls: type, **kwargs: Any) -> Any:
-    """The run's Trainer (``make_trainer``), or the same arguments by hand where no factory exists."""
-    if pieces.make_trainer is not None:
-        return pieces.make_trainer(run_cfg, method_cls, **kwargs)
-    import lightning as L
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    callbacks = list(kwargs.pop("callbacks", []))
-    if run_cfg.progress:
-        callbacks.append(RichProgressBar(leave=False))
-    return L.Trainer(accelerator=run_cfg.accelerator, devices=run_cfg.devices, strategy=run_cfg.strategy,
-                     precision=run_cfg.precision, enable_checkpointing=False, enable_model_summary=False,
-                     enable_progress_bar=run_cfg.progress, use_distributed_sampler=False, callbacks=callbacks,
-                     **kwargs)
-
-
 def _step_clock() -> Any:
     """A Lightning callback that seeds the dropout RNG at the first step and stamps the start of every step."""
     from lightning.pytorch.callbacks import Callback
@@ -240,7 +213,7 @@ def bare_loop(method: CLMethod, batches: list[dict[str, Any]], device: torch.dev
 
 
 def lightning_loop(method: CLMethod, variant: Variant, loader: Any, steps: int, epochs: int, cfg: OverheadConfig,
-                   device: torch.device, log_dir: Path, pieces: SimpleNamespace, tag: str) -> LoopResult:
+                   device: torch.device, log_dir: Path, tag: str) -> LoopResult:
     """``Trainer.fit`` of ``method`` for ``steps`` steps on ``loader``, with the harness pieces ``variant`` keeps."""
     from lightning.pytorch.loggers import CSVLogger
 
@@ -252,15 +225,15 @@ def lightning_loop(method: CLMethod, variant: Variant, loader: Any, steps: int, 
                         progress=variant.progress, accelerator="gpu" if device.type == "cuda" else "cpu",
                         batch_size=cfg.batch_size, max_steps_per_task=steps)
     clock = _step_clock()(cfg.seed, device)
-    meter = pieces.ThroughputMeter()
-    if variant.exact and pieces.fit_trainer is not None:
-        trainer = pieces.fit_trainer(run_cfg, type(method), log_dir, epochs, tag, meter)
+    meter = ThroughputMeter()
+    if variant.exact:
+        trainer = fit_trainer(run_cfg, type(method), log_dir, epochs, tag, meter)
         trainer.callbacks.append(clock)
     else:
         logger = CSVLogger(log_dir, name="logs", version=tag) if variant.logger else False
-        trainer = _make_trainer(pieces, run_cfg, type(method), max_epochs=epochs, max_steps=steps,
-                                callbacks=[meter, clock] if variant.meter else [clock], logger=logger,
-                                log_every_n_steps=5, accumulate_grad_batches=1, gradient_clip_val=clip)
+        trainer = make_trainer(run_cfg, type(method), max_epochs=epochs, max_steps=steps,
+                               callbacks=[meter, clock] if variant.meter else [clock], logger=logger,
+                               log_every_n_steps=5, accumulate_grad_batches=1, gradient_clip_val=clip)
     trainer.fit(method, train_dataloaders=loader)
     _sync(device)
     wall = time.perf_counter() - started
@@ -304,21 +277,19 @@ def prepare(cfg: OverheadConfig, log: Callable[[str], None] = lambda _: None) ->
     """Load the model once, build the method with its YAML defaults (``begin_task(0, ...)``) and collate the first
     ``batches`` training batches of trace-mini's first task as the harness does (timing the collation)."""
     from clbench import registry
-    from clbench.bench import contender_config
     from clbench.benchmark import Collator
     from clbench.models import load_model
+    from clbench.run_plan import resolve_method
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    bench_cfg = SimpleNamespace(overrides={})
-    method_cfg = contender_config(cfg.method, cfg.method, bench_cfg)  # registry + YAML defaults, as bench does
+    device = resolve_device(cfg.device)
+    method_cls, method_cfg = resolve_method(cfg.method)  # registry + YAML defaults, as runs and bench do
     benchmark = registry.get_benchmark("trace-mini")()
     tasks = benchmark.ordered(1)
     task = tasks[0]
     log(f"loading {cfg.model}, building {cfg.method}")
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model)
-    method = registry.get_method(cfg.method)(loaded.model, loaded.tokenizer, method_cfg, num_tasks=len(tasks))
+    method = method_cls(loaded.model, loaded.tokenizer, method_cfg, num_tasks=len(tasks))
     method.begin_task(0, task)
     method.to(device)
     collate = Collator(loaded.tokenizer, cfg.max_prompt_len or benchmark.max_prompt_len,
@@ -332,11 +303,10 @@ def prepare(cfg: OverheadConfig, log: Callable[[str], None] = lambda _: None) ->
 
 
 def run_variant(setup: _Setup, variant: Variant, cfg: OverheadConfig, steps: int | None = None,
-                tag: str = "loop", pieces: SimpleNamespace | None = None) -> LoopResult:
+                tag: str = "loop") -> LoopResult:
     """Run ``variant`` for ``steps`` (default ``cfg.batches``) steps on the prepared batches; the caller restores
     the initial weights first."""
     steps = steps or cfg.batches
-    pieces = pieces or harness_pieces()
     if not variant.lightning:
         return bare_loop(setup.method, setup.batches[:steps], setup.device, cfg.precision,
                          cfg.clip if variant.clip else None, cfg.seed)
@@ -346,8 +316,7 @@ def run_variant(setup: _Setup, variant: Variant, cfg: OverheadConfig, steps: int
     else:
         loader, epochs = _batches_loader(setup.batches[:steps]), 1
     with tempfile.TemporaryDirectory(prefix="clbench-overhead-") as log_dir:
-        return lightning_loop(setup.method, variant, loader, steps, epochs, cfg, setup.device, Path(log_dir),
-                              pieces, tag)
+        return lightning_loop(setup.method, variant, loader, steps, epochs, cfg, setup.device, Path(log_dir), tag)
 
 
 def run_overhead(cfg: OverheadConfig, log: Callable[[str], None] = lambda _: None,
@@ -356,22 +325,13 @@ def run_overhead(cfg: OverheadConfig, log: Callable[[str], None] = lambda _: Non
 
     ``on_round`` gets the results so far after every finished round (the command writes them, so a run stopped
     early still leaves its finished rounds on disk)."""
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run_overhead(cfg, log, on_round)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_overhead(cfg: OverheadConfig, log: Callable[[str], None],
                   on_round: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    from clbench.provenance import git_commit, hardware, versions
-
-    pieces = harness_pieces()
-    if pieces.quiet is not None:
-        pieces.quiet()  # as the harness's run() does: Lightning's info lines and inapplicable warnings off
+    quiet_lightning()  # as the harness's run() does: Lightning's info lines and inapplicable warnings off
     load_before = os.getloadavg()
     setup = prepare(cfg, log)
     method = setup.method
@@ -381,20 +341,14 @@ def _run_overhead(cfg: OverheadConfig, log: Callable[[str], None],
         log(f"warm-up: {cfg.warmup} steps of the bare loop and of the harness Trainer (not measured)")
         for name in ("bare", "harness"):
             _restore(method, initial)
-            run_variant(setup, VARIANTS[name], cfg, steps=cfg.warmup, tag=f"warmup-{name}", pieces=pieces)
+            run_variant(setup, VARIANTS[name], cfg, steps=cfg.warmup, tag=f"warmup-{name}")
     variants = [VARIANTS[name] for name in cfg.variants]
     results: dict[str, list[LoopResult]] = {v.name: [] for v in variants}
     load: dict[str, list[float]] = {v.name: [] for v in variants}  # 1-min load average as each loop started
     static = {
-        "name": cfg.name, "command": " ".join(["clbench", *sys.argv[1:]]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "device": torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda"
-        else f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
-        "hardware": hardware(), "torch_threads": torch.get_num_threads(),
-        "data": setup.source, "trainer_source": pieces.source,
+        **measurement_header(cfg.name, setup.device), "data": setup.source,
         "train_batch_shapes": [list(b["input_ids"].shape) for b in setup.batches],
-        "collate_ms_per_batch": setup.collate_ms, "settings": asdict(cfg), "versions": versions(),
-        "git_commit": git_commit(),
+        "collate_ms_per_batch": setup.collate_ms, "settings": asdict(cfg),
     }
 
     def summary(rounds_done: int) -> dict[str, Any]:
@@ -412,7 +366,7 @@ def _run_overhead(cfg: OverheadConfig, log: Callable[[str], None],
     for i, (r, variant) in enumerate(_rotations(variants, cfg.rounds)):
         _restore(method, initial)
         load[variant.name].append(os.getloadavg()[0])
-        result = run_variant(setup, variant, cfg, tag=f"round{r}-{variant.name}", pieces=pieces)
+        result = run_variant(setup, variant, cfg, tag=f"round{r}-{variant.name}")
         results[variant.name].append(result)
         log(f"round {r + 1} {variant.name}: median {statistics.median(result.step_seconds()):.3f} s/step")
         if on_round is not None and (i + 1) % len(variants) == 0 and r + 1 < cfg.rounds:
@@ -470,7 +424,7 @@ def print_results(results: dict[str, Any], console: Any = None) -> None:
              f"batch {s['batch_size']} · {s['batches']} steps x {results['rounds_done']} rounds")
     caption = (f"data: {results['data']}; collation {results['collate_ms_per_batch']:.1f} ms/batch; "
                f"load average {load[0]:.2f} -> {load[1]:.2f} on {os.cpu_count()} CPUs; "
-               f"trainer: {results['trainer_source']}"
+               "trainer: clbench.trainer_factory"
                + "".join(f"\n{row['variant']}: {row['description']}" for row in results["rows"]))
     heads = [("variant", "variant", None), ("s/step median", "step_s_median", ".3f"), ("min", "step_s_min", ".3f"),
              ("wall s/step", "wall_s_per_step", ".3f"), ("× bare", "vs_bare", ".3f"),
