@@ -142,6 +142,20 @@ def test_moses_is_scored_with_its_key_routing():
     assert abs(served - base) > 1e-3
 
 
+def test_no_progress_hides_lm_evals_progress_bars(capfd):
+    """`--no-progress` (a log file, a SLURM job) must not fill with lm-eval's bars ('Building contexts', 'Running
+    loglikelihood requests'); with progress on they are shown. The scores are the same either way."""
+    from clbench.general import evaluate_general
+
+    loaded = tiny_model()
+    method = _KeyRouted(loaded.model, loaded.tokenizer)
+    shown = evaluate_general(method, loaded.tokenizer, "gmini_piqa", limit=2, progress=True)
+    assert "it/s]" in capfd.readouterr().err
+    hidden = evaluate_general(method, loaded.tokenizer, "gmini_piqa", limit=2, progress=False)
+    assert "it/s]" not in capfd.readouterr().err
+    assert hidden.scores == shown.scores
+
+
 def test_served_generation_uses_the_method_generate():
     """generate-until requests (GSM8K/TydiQA-like) go through the method's own generate (the path R is scored
     with): the served text equals decoding `method.generate` and lm-eval's stop sequence cuts it."""

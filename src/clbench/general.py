@@ -241,6 +241,32 @@ def benchmark_value(task: SuiteTask, results: dict[str, dict[str, Any]]) -> tupl
     return key, float(np.mean(values))
 
 
+# lm-eval's modules that draw progress bars: the per-task request building (api.task) has no switch at all, and the
+# HF model's bars are on unless a request method is called with disable_tqdm=True, which simple_evaluate never does
+_TQDM_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Any:
+    """lm-eval's tqdm bars as ``--progress`` / ``--no-progress`` asks: with ``enabled`` False every bar those modules
+    create is built with ``disable=True`` (a patch of their ``tqdm`` name, because lm-eval offers no option)."""
+    if enabled:
+        yield
+        return
+    import importlib
+    from unittest import mock
+
+    from tqdm import tqdm
+
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    with contextlib.ExitStack() as stack:
+        for name in _TQDM_MODULES:
+            stack.enter_context(mock.patch.object(importlib.import_module(name), "tqdm", quiet))
+        yield
+
+
 @contextlib.contextmanager
 def _preserved_rng() -> Any:
     """simple_evaluate seeds python, numpy and torch globally; the run's own random streams must not notice."""
@@ -254,11 +280,12 @@ def _preserved_rng() -> Any:
 
 
 def evaluate_general(method: CLMethod, tokenizer: Any, spec: str, batch_size: int = 1,
-                     limit: int | float | None = None) -> GeneralResult:
+                     limit: int | float | None = None, progress: bool = True) -> GeneralResult:
     """Score ``method.served_lm()`` on suite ``spec`` with lm-eval (one ``simple_evaluate`` per suite task, so each
     has its own few-shot count and every result entry is known to belong to it). General-mini runs offline.
 
-    ``batch_size`` 1 keeps every score independent of which requests share a batch (see :class:`ServedLM`).
+    ``batch_size`` 1 keeps every score independent of which requests share a batch (see :class:`ServedLM`);
+    ``progress`` False hides lm-eval's progress bars (``--no-progress``).
     """
     tasks = resolve_suite(spec)
     if _is_mini(tasks):
@@ -278,7 +305,7 @@ def evaluate_general(method: CLMethod, tokenizer: Any, spec: str, batch_size: in
     scores: dict[str, float] = {}
     settings: dict[str, dict[str, Any]] = {}
     try:
-        with _preserved_rng():
+        with _preserved_rng(), _progress_bars(progress):
             lm = HFLM(pretrained=served, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
             for task in tasks:
                 out = lm_eval.simple_evaluate(model=lm, tasks=[task.name], num_fewshot=task.num_fewshot,

@@ -216,12 +216,13 @@ class Harness:
             return
         from clbench.general import evaluate_general
 
-        use_gpu = torch.cuda.is_available() and self.cfg.accelerator in ("auto", "gpu", "cuda")
+        use_gpu = not runs_on_cpu(self.cfg) and torch.cuda.is_available()  # the same rule the Trainer follows
         home = next(method.parameters()).device
         method.to(torch.device("cuda") if use_gpu else torch.device("cpu"))
         try:
             with make_trainer(self.cfg, self.plan.method_cls, logger=False).precision_plugin.forward_context():
-                result = evaluate_general(method, loaders.tokenizer, self.cfg.general)
+                result = evaluate_general(method, loaders.tokenizer, self.cfg.general,
+                                          progress=self.cfg.progress)
         finally:
             method.to(home)
         self.store.add_general_row(stage, {"label": label, "benchmarks": result.benchmarks, "scores": result.scores,

@@ -12,6 +12,7 @@ the selected experts are computed (k·r·(d_in + d_out) multiply-adds per token,
 
 from __future__ import annotations
 
+import abc
 import math
 import re
 from collections.abc import Callable
@@ -24,15 +25,16 @@ from clbench.config import ConfigError
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-class Router(nn.Module):
+class Router(nn.Module, abc.ABC):
     """Base router: ``forward(x) -> (indices, weights)``.
 
     ``indices``: LongTensor (batch, k) of selected experts per example, or None for all experts.
     ``weights``: (batch, tokens, k) mixing weights for those experts (or (batch, tokens, E) when indices is None).
     """
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Route ``x`` (batch, tokens, d_in): the selected experts per example and their token weights."""
 
 
 class ExpertLinear(nn.Module):

@@ -33,6 +33,7 @@ qpth. We follow the paper (a memory, gradients recomputed per step, one QP over 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import random
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class AGEMConfig(EpisodicMemoryConfig):
 
 
 # ---- methods
-class EpisodicGradientMethod(LoRA):
+class EpisodicGradientMethod(LoRA, abc.ABC):
     """LoRA plus per-task episodic memories whose gradients constrain the update (base of GEM and A-GEM)."""
 
     config_class = EpisodicMemoryConfig
@@ -219,9 +220,9 @@ class EpisodicGradientMethod(LoRA):
     def _collate(self) -> Any:
         return self.memory_collate or Collator(self.tokenizer, train=True)
 
+    @abc.abstractmethod
     def project(self, g: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
         """The constrained update direction for flat gradient ``g``; subclasses implement it."""
-        raise NotImplementedError
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Replace the accumulated adapter gradient by its projection (before Lightning clips it)."""
