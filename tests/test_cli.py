@@ -229,7 +229,7 @@ def test_run_flags_arrive_as_field_values_over_the_yaml_and_the_profile(tmp_path
 
     monkeypatch.setattr(clbench.harness, "Harness", Recorder)
     yaml_path = tmp_path / "run.yaml"
-    yaml_path.write_text("batch_size: 3\nprecision: 32-true\nmethod_config:\n  r: 4\n")
+    yaml_path.write_text("batch_size: 3\nprecision: bf16-mixed\nmethod_config:\n  r: 4\n")
     result = invoke("run", "--config", str(yaml_path), "--hardware", "8xgpu-node", "--no-zero-shot",
                     "--oracle-task-id", "--no-progress", "--general", "general-mini", "--general-every-task",
                     "--max-prompt-len", "64", "-s", "alpha=8")
@@ -237,13 +237,13 @@ def test_run_flags_arrive_as_field_values_over_the_yaml_and_the_profile(tmp_path
     cfg = seen["cfg"]
     assert (cfg.zero_shot, cfg.oracle_task_id, cfg.progress, cfg.general_every_task) == (False, True, False, True)
     assert cfg.max_prompt_len == 64 and cfg.general == "general-mini"
-    assert cfg.batch_size == 3 and cfg.precision == "32-true"  # the YAML's, not the options' defaults
+    assert cfg.batch_size == 3 and cfg.precision == "bf16-mixed"  # the YAML's, not the options' defaults
     assert cfg.devices == 8 and cfg.accumulate_grad_batches == 4  # the profile's
     assert cfg.method == "lora" and cfg.gradient_clip_val == 1.0  # built-in defaults
     assert seen["method_cfg"] == {"r": 4, "alpha": 8}
-    result = invoke("run", "--config", str(yaml_path), "--micro-batch-size", "8", "--precision", "bf16-mixed")
+    result = invoke("run", "--config", str(yaml_path), "--micro-batch-size", "8", "--precision", "32-true")
     assert result.exit_code == 0, result.output
-    assert seen["cfg"].batch_size == 8 and seen["cfg"].precision == "bf16-mixed"  # given = default still wins
+    assert seen["cfg"].batch_size == 8 and seen["cfg"].precision == "32-true"  # given = default still wins
 
 
 def test_every_bench_config_field_is_a_bench_option_and_the_cli_starts_without_torch(monkeypatch):

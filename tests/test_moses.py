@@ -227,8 +227,8 @@ def test_inference_touches_only_the_selected_experts(trained):
 
 
 def test_bf16_autocast_inference_matches_fp32(trained):
-    """If this fails, runs under the default precision (bf16-mixed) route or compute the experts differently from
-    fp32, e.g. the per-example tables are not cast once per generate call and mix dtypes."""
+    """If this fails, runs under bf16-mixed (the fast mode on bf16 CPUs and GPUs) route or compute the experts
+    differently from fp32, e.g. the per-example tables are not cast once per generate call and mix dtypes."""
     method = trained["method"]
     batch = _eval_batch(method, TASKS[2], with_id=2)
     reference = _logits(method, batch)

@@ -23,7 +23,7 @@ def write(path, data) -> str:
 def test_built_in_defaults_when_nothing_is_given():
     """If this fails, a bare `clbench run` no longer means lora on trace-mini, into the user's own runs/ folder."""
     cfg, method_cfg = load_run_config(None, dict(NO_FLAGS))
-    assert (cfg.method, cfg.benchmark, cfg.results_dir, cfg.precision) == ("lora", "trace-mini", "runs", "bf16-mixed")
+    assert (cfg.method, cfg.benchmark, cfg.results_dir, cfg.precision) == ("lora", "trace-mini", "runs", "32-true")
     assert method_cfg == {}
 
 

@@ -67,7 +67,7 @@ class BenchConfig:
     seq_len: int = field(default=128, metadata={"help": "prompt tokens at most (random data: about this many "
                                                         "tokens)"})
     new_tokens: int = field(default=16, metadata={"help": "tokens generated per example (exactly; EOS suppressed)"})
-    precision: str = field(default="bf16-mixed", metadata={"help": "bf16-mixed (as runs), 16-mixed or 32-true"})
+    precision: str = field(default="32-true", metadata={"help": "32-true (as runs), bf16-mixed or 16-mixed"})
     data: str = field(default="trace-mini", metadata={"help": "trace-mini (its first task) or random"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     num_tasks: int = field(default=8, metadata={"help": "tasks the methods pre-allocate for (TRACE has 8)"})

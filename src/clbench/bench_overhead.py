@@ -113,7 +113,7 @@ class OverheadConfig:
     variants: list[str] = setting(factory=lambda: list(DEFAULT_VARIANTS), help=(
         "loops to time, or 'all': " + ", ".join(VARIANTS)))
     batch_size: int = setting(8, "examples per step (the harness's batch_size)")
-    precision: str = setting("bf16-mixed", "bf16-mixed (as runs) or 32-true")
+    precision: str = setting("32-true", "32-true (as runs) or bf16-mixed")
     clip: float | None = setting(1.0, "gradient-norm clip of every clipping loop (the run's gradient_clip_val)")
     max_prompt_len: int | None = setting(None, "prompt tokens kept (default: the benchmark's)")
     max_answer_len: int | None = setting(None, "answer tokens trained on (default: the benchmark's)")

@@ -53,7 +53,8 @@ class RunConfig:
     devices: int = setting(1, "devices (processes) per node")
     num_nodes: int = setting(1, "nodes (multi-node DDP/FSDP)")
     strategy: str = setting("auto", "Lightning strategy: auto, ddp, fsdp, deepspeed_stage_2...")
-    precision: str = setting("bf16-mixed", "Lightning precision, e.g. bf16-mixed, 32-true")
+    precision: str = setting("32-true", "Lightning precision: 32-true (the reference mode: the same answers on "
+                                        "another CPU, docs/uncertainty.md) or bf16-mixed (faster on bf16 CPUs/GPUs)")
     gradient_clip_val: float | None = setting(1.0, "clip the gradient norm to this (YAML null: no clipping)")
     zero_shot: bool = setting(True, "score every task before training, row R[0,:] (--no-zero-shot skips it; FWT is "
                                     "then undefined)")
