@@ -19,7 +19,7 @@ class SETAConfig(MethodConfig):
     shared_blocks: int  # S: sub-blocks the first task makes shared (the shared expert)
     unique_blocks: int  # most free sub-blocks one task takes as its unique expert, per layer
     threshold: float | None  # relevance: s_m >= threshold * max s; None = dynamic (the group's mean of s/max s)
-    scaling: float  # s in y = W0 x + s Σ_m w_m b_m a_m^T x (lora's alpha / r = 16 / 8)
+    scaling: float  # s in y = W0 x + s Σ_m w_m b_m a_m^T x (lora's alpha / r = 32 / 8)
     target_modules: list[str]
     layers: list[int] | None  # transformer layers with SETA layers; None = all
     anchor_weight: float  # λ_a of the elastic anchoring λ_a Σ Ω (θ − θ*)² over shared sub-blocks
