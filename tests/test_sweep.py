@@ -82,8 +82,8 @@ def test_slurm_executor_submits_one_job_array_of_the_missing_cells(tmp_path, tra
 
 def test_committed_results_grid_holds_the_reference_cells():
     """If this fails, the grid that describes the committed results (it replaced scripts/run_results.sh) no longer
-    lists every registered method at seeds 0-2 plus seeds 3-4 of lora, seqft and moses, or writes them outside
-    results/runs."""
+    lists every registered method at seeds 0-2 plus seeds 3-4 of lora, seqft and moses, writes them outside
+    results/runs, or leaves the general-ability evaluation out of them."""
     import re
 
     import clbench.methods
@@ -100,6 +100,7 @@ def test_committed_results_grid_holds_the_reference_cells():
     expected += [(m, "default", 1, s) for m in ("lora", "seqft", "moses") for s in (3, 4)]
     assert sorted(cells) == sorted(expected)
     assert grid.results_dir == "results/runs" and grid.model == "bundled" and grid.executor == "local"
+    assert grid.run.get("general") == "general-mini"  # every committed row gets its general-ability delta
 
 
 @pytest.mark.parametrize(("text", "message"), [
