@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -140,6 +141,31 @@ def test_moses_is_scored_with_its_key_routing():
     base_model = tiny_model().model
     base = _hflm(base_model, tok).loglikelihood(_requests("loglikelihood", reqs))[0][0]
     assert abs(served - base) > 1e-3
+
+
+def test_general_mini_yamls_point_into_this_checkout(tmp_path, monkeypatch):
+    """A second clone, or a deleted one, must not leave this one reading general-mini YAMLs whose data paths point
+    into the other checkout (a FileNotFoundError from datasets in every --general run): the cached folder is per
+    suite location."""
+    import shutil
+
+    import yaml
+
+    import clbench.benchmarks.general_mini as mini
+    from clbench.general import mini_include_dir
+
+    monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other-clone"
+    shutil.copytree(mini.SUITE_DIR, other)
+    data_in_other = other / mini.DATA_DIR.relative_to(mini.SUITE_DIR)
+    with monkeypatch.context() as patch:
+        patch.setattr(mini, "SUITE_DIR", other)
+        patch.setattr(mini, "DATA_DIR", data_in_other)
+        mini_include_dir()
+    shutil.rmtree(other)
+    for path in mini_include_dir().glob("*.yaml"):
+        for data in yaml.safe_load(path.read_text())["dataset_kwargs"]["data_files"].values():
+            assert Path(data).is_file() and Path(data).is_relative_to(mini.SUITE_DIR), data
 
 
 def test_no_progress_hides_lm_evals_progress_bars(capfd):

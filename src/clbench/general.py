@@ -91,8 +91,9 @@ def resolve_suite(spec: str) -> list[SuiteTask]:
 def mini_include_dir() -> Path:
     """general-mini's YAMLs with absolute data paths, in clbench's cache (lm-eval reads data paths from the cwd).
 
-    The folder name is a digest of the shipped YAMLs and data, so an edited suite gets a fresh folder, and the same
-    suite keeps one path (datasets caches the loaded JSON under it).
+    The folder name is a digest of where the suite lives and of its shipped YAMLs and data, so an edited suite gets
+    a fresh folder, a second clone (or a moved or deleted one) never reuses YAMLs that point into another checkout,
+    and the same suite in the same place keeps one path (datasets caches the loaded JSON under it).
     """
     import yaml
 
@@ -100,7 +101,8 @@ def mini_include_dir() -> Path:
     from clbench.models import cache_dir
 
     files = sorted(SUITE_DIR.glob("*.yaml")) + sorted(DATA_DIR.glob("*.json"))
-    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()[:12]
+    content = b"".join(p.name.encode() + p.read_bytes() for p in files)
+    digest = hashlib.sha256(str(SUITE_DIR.resolve()).encode() + b"\0" + content).hexdigest()[:12]
     target = cache_dir() / "general-mini" / digest
     if target.is_dir():
         return target
