@@ -87,3 +87,39 @@ def test_bench_refuses_a_bad_contender_knob_in_one_line_before_loading_models(tm
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("at_task", [0, 1])
+def test_bench_measures_the_later_task_step_where_gradient_surgery_runs(at_task, monkeypatch):
+    """If this fails, `clbench bench` times A-GEM/GEM/OGD on the first task, where they have no memory and skip their
+    projection, or never calls their gradient-surgery hook: their published step ratio vs lora is then ~1.0× while
+    every later task of a run pays for the memory gradients (the runs measured 1.7× for A-GEM)."""
+    import torch
+
+    from clbench.bench import BenchConfig, _autocast, build_contender, make_batches, train_step
+    from clbench.methods.gem import AGEM
+    from clbench.models import load_model
+
+    cfg = BenchConfig(methods=["agem"], model="tiny", steps=1, warmup=0, batch_size=2, seq_len=32, new_tokens=2,
+                      data="random", num_tasks=3, at_task=at_task)
+    batches, _, task, _ = make_batches(load_model("tiny").tokenizer, cfg)
+    entry = build_contender("agem", cfg, task, torch.device("cpu"), batch=batches[0])
+    assert entry.method.current_task == at_task
+    assert len(entry.method.memories) == at_task  # M_0 exists from the second task on
+    projections = []
+    original = AGEM.project
+    monkeypatch.setattr(AGEM, "project", lambda self, g, params: projections.append(1) or original(self, g, params))
+    train_step(entry, batches[0], _autocast(torch.device("cpu"), "32-true"), 1.0)
+    assert len(projections) == at_task  # the hook ran, and computed the reference gradient, on the second task only
+
+
+def test_bench_refuses_an_at_task_past_the_order_in_one_line(tmp_path):
+    """If this fails, `--at-task 8` with 8 tasks crashes deep inside a method's begin_task instead of saying why."""
+    from typer.testing import CliRunner
+
+    from clbench.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--methods", "lora", "--model", "tiny", "--num-tasks", "2",
+                                      "--at-task", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--at-task must be in 0..1" in result.output

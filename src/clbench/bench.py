@@ -2,10 +2,15 @@
 
 What is measured, for the base model (inference only) and each contender (a method built through the registry with
 its YAML defaults, plus ``--set LABEL.KEY=VALUE`` knobs for a ``LABEL=METHOD`` contender, so two settings of one
-method can be compared side by side; ``begin_task(0, ...)`` called so it has its first task's trainable parameters):
+method can be compared side by side), at task ``at_task`` of the order (default 1, the second task): every earlier
+task's end-of-task work runs on the bench's training batches first, without training (``begin_task(k)``,
+``finish_task(k)``: episodic memories, gradient bases, Fisher, the frozen teacher, keys), then ``begin_task(at_task)``.
+Methods whose per-step cost starts with the second task (GEM and A-GEM's memory gradients, OGD's projection, LwF's
+teacher forward, EWC's penalty) pay it in the measured steps; at ``--at-task 0`` they do not.
 
-- train step: forward + backward + gradient clipping + AdamW step on a fixed batch, under the same precision as runs
-  (bf16 autocast by default), median over ``steps`` steps after ``warmup`` steps;
+- train step: forward + backward + the method's ``on_before_optimizer_step`` (gradient surgery) + gradient clipping
+  + optimiser step on a fixed batch, in the order Lightning runs them, under the run's precision, median over
+  ``steps`` steps after ``warmup`` steps;
 - inference: greedy generation of exactly ``new_tokens`` tokens (EOS is suppressed until then, so every method does
   the same work) for a fixed batch, ms per example, median over ``steps`` repeats after ``warmup``;
 - peak memory of one train step and of one generation, above the level just before it: CUDA
@@ -71,6 +76,9 @@ class BenchConfig:
     data: str = field(default="trace-mini", metadata={"help": "trace-mini (its first task) or random"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     num_tasks: int = field(default=8, metadata={"help": "tasks the methods pre-allocate for (TRACE has 8)"})
+    at_task: int = field(default=1, metadata={
+        "help": "task index measured (0 = the first task; 1 = the second, after the first's end-of-task work, where "
+                "memory- and projection-based methods pay their per-step cost)"})
     seed: int = field(default=0, metadata={"help": "seed of the contenders' init and of the random data"})
     clip: float | None = field(default=1.0, metadata={"help": "clip the gradient norm of each train step to this, "
                                                               "as runs do"})
@@ -88,6 +96,9 @@ class BenchConfig:
             raise ConfigError(f"--data must be 'trace-mini' or 'random', got '{self.data}'")
         if min(self.steps, self.batch_size, self.seq_len, self.new_tokens, self.num_tasks) < 1 or self.warmup < 0:
             raise ConfigError("steps, batch size, seq len, new tokens and num tasks must be >= 1, warmup >= 0")
+        if not 0 <= self.at_task < self.num_tasks:
+            raise ConfigError(f"--at-task must be in 0..{self.num_tasks - 1} (--num-tasks {self.num_tasks}), "
+                              f"got {self.at_task}")
         if not self.methods:
             raise ConfigError("--methods needs at least one method name")
         labels = [label for label, _ in self.contenders()]
@@ -201,7 +212,8 @@ def _random_records(n: int, seq_len: int, seed: int) -> list[dict[str, str]]:
 
 def make_batches(tokenizer: Any, cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any], Task, str]:
     """The fixed batches every contender sees: ``steps + warmup`` train batches, one generation batch, the task
-    handed to ``begin_task(0, ...)``, and a description of the data."""
+    handed to every ``begin_task`` (its ``train`` is the records of the train batches), and a description of the
+    data."""
     n_train = (cfg.steps + cfg.warmup) * cfg.batch_size
     task: Task | None = None
     source = cfg.data
@@ -219,6 +231,7 @@ def make_batches(tokenizer: Any, cfg: BenchConfig) -> tuple[list[dict[str, Any]]
                     test=records[n_train:])
     train_records = [task.train[i % len(task.train)] for i in range(n_train)]
     test_records = [task.test[i % len(task.test)] for i in range(cfg.batch_size)]
+    task = Task(task.spec, train=train_records, eval=task.eval, test=test_records)
     # prompts are cut to their last seq_len tokens (the Collator keeps the end, where the answer cue is)
     train_collate = Collator(tokenizer, max_prompt_len=cfg.seq_len, max_answer_len=max(1, cfg.seq_len // 4),
                              train=True)
@@ -259,10 +272,39 @@ def contender_config(label: str, method_name: str, cfg: BenchConfig) -> Any:
                           where=f"method '{method_name}' config of contender '{label}'")[1]
 
 
-def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.device, method_name: str | None = None
-                    ) -> _Entry:
+def earlier_tasks_loader(task: Task, tokenizer: Any, cfg: BenchConfig) -> torch.utils.data.DataLoader:
+    """The training loader handed to ``finish_task`` of the tasks before ``at_task``: the bench's training records
+    in its batches, through the same collate function as the train batches (methods read its ``collate_fn``)."""
+    collate = Collator(tokenizer, max_prompt_len=cfg.seq_len, max_answer_len=max(1, cfg.seq_len // 4), train=True)
+    return torch.utils.data.DataLoader(task.train, batch_size=cfg.batch_size, collate_fn=collate)
+
+
+def advance_to_task(method: CLMethod, task: Task, cfg: BenchConfig, device: torch.device,
+                    step: Callable[[CLMethod], None]) -> None:
+    """Bring ``method`` to task ``cfg.at_task`` as a run would, but with one training step per earlier task: for
+    every earlier task k, ``begin_task(k)``, ``step(method)`` (some end-of-task work needs a trained task, e.g. SETA's
+    sub-blocks) and ``finish_task(k)`` on the bench's records (each task is the same records: cost, not accuracy, is
+    measured); then ``train_examples`` (methods derive per-stage state there, e.g. GEM's memories) and
+    ``begin_task(at_task)``. The method ends on ``device``."""
+    tasks = [task] * (cfg.at_task + 1)
+    loader = earlier_tasks_loader(task, method.tokenizer, cfg)
+    for k in range(cfg.at_task):
+        method.train_examples(k, tasks)
+        method.begin_task(k, task)
+        method.to(device)
+        step(method)
+        method.finish_task(k, task, train_loader=loader)
+    method.train_examples(cfg.at_task, tasks)
+    method.begin_task(cfg.at_task, task)
+    method.to(device)
+
+
+def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.device, method_name: str | None = None,
+                    batch: dict[str, Any] | None = None) -> _Entry:
     """A fresh copy of the model wrapped by ``method_name`` (default: ``name``) with its YAML defaults and the knobs
-    ``cfg.overrides[name]``, after ``begin_task(0, task)``; ``name`` labels the contender's row."""
+    ``cfg.overrides[name]``, advanced to task ``cfg.at_task`` (:func:`advance_to_task`); ``name`` labels the
+    contender's row; ``batch`` (on ``device``) is the training step of each earlier task (required when
+    ``at_task`` > 0)."""
     from clbench import registry
     from clbench.models import load_model
 
@@ -283,7 +325,13 @@ def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.devic
     cls = registry.get_method(method_name)
     method_cfg = contender_config(name, method_name, cfg)
     method = cls(loaded.model, loaded.tokenizer, method_cfg, num_tasks=cfg.num_tasks)
-    method.begin_task(0, task)
+    autocast = _autocast(device, cfg.precision)
+
+    def one_step(m: CLMethod) -> None:
+        m.train()
+        optimizer_step(m, batch, autocast, _optimizer(m), cfg.clip)
+
+    advance_to_task(method, task, cfg, device, one_step)
     if frozen is not None:
         method.store_frozen_linears(frozen)
     method.to(device)
@@ -309,13 +357,15 @@ def _sync(device: torch.device) -> None:
 def optimizer_step(method: CLMethod, batch: dict[str, Any], autocast: Callable[[], Any],
                    optimizer: torch.optim.Optimizer, clip: float | None, params: list[torch.Tensor] | None = None
                    ) -> None:
-    """One optimiser step as the harness takes it: (LM loss + Σ regularizer terms) under autocast, backward, clip
-    the norm of ``params`` (default: the trainable parameters), step, zero the gradients."""
+    """One optimiser step as the harness takes it: (LM loss + Σ regularizer terms) under autocast, backward, the
+    method's ``on_before_optimizer_step`` (GEM/A-GEM/OGD gradient surgery), clip the norm of ``params`` (default: the
+    trainable parameters), step, zero the gradients. That is Lightning 2.6's order: hooks, then clipping."""
     with autocast():
         out = method(batch)
         terms = method.regularizer(batch, out)
         loss = out.loss + sum(terms.values()) if terms else out.loss
     loss.backward()
+    method.on_before_optimizer_step(optimizer)
     if clip:
         torch.nn.utils.clip_grad_norm_(params if params is not None else method.trainable_parameters(), clip)
     optimizer.step()
@@ -332,12 +382,12 @@ def train_step(entry: _Entry, batch: dict[str, Any], autocast: Callable[[], Any]
 def infer_step(entry: _Entry, batch: dict[str, Any], autocast: Callable[[], Any], new_tokens: int) -> torch.Tensor:
     """Greedy generation of ``new_tokens`` tokens through the method (task-agnostic routing included).
 
-    Task-aware references (told the task id, as in runs) get ``task_id`` 0; every other method is measured
+    Task-aware references (told the task id, as in runs) get the measured task's id; every other method is measured
     task-agnostic, as runs evaluate it by default.
     """
     entry.method.eval()
-    if entry.method.task_aware:
-        batch = {**batch, "task_id": torch.zeros_like(batch["input_ids"][:, 0])}
+    if entry.method.task_aware:  # the task being measured
+        batch = {**batch, "task_id": torch.full_like(batch["input_ids"][:, 0], entry.method.current_task)}
     with autocast():
         return entry.method.generate(batch, new_tokens)
 
@@ -406,7 +456,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     entries: list[_Entry] = []
     for label, method_name in contenders:
         log(f"building {label}")
-        entries.append(build_contender(label, cfg, task, device, method_name))
+        entries.append(build_contender(label, cfg, task, device, method_name, batch=batches[0]))
     autocast = _autocast(device, cfg.precision)
     trainers = [e for e in entries if e.optimizer is not None]
 
