@@ -86,6 +86,32 @@ def test_only_the_current_prompt_gets_gradients_and_earlier_ones_are_in_its_inpu
     assert not torch.isclose(loss_with_old, loss_without_old)
 
 
+def test_oracle_task_id_answers_each_task_with_its_own_stack_as_the_paper_scores_it():
+    """If this fails, `--oracle-task-id` either is refused for progressive-prompts or still reads later tasks'
+    prompts, so nobody can run the paper's (task-aware) evaluation, where a finished task's answers never change."""
+    L.seed_everything(0, verbose=False)
+    method = _method()
+    method.eval()
+    batch = _generation_batch(method, ["alpha question 1 of 8", "alpha question 2 of 8"])
+    _fit(method, 0)
+    method.eval()
+    with torch.no_grad():
+        just_learned = method(batch).logits
+    _fit(method, 1)
+    _fit(method, 2)
+    method.eval()
+    with torch.no_grad():
+        oracle = method({**batch, "task_id": torch.zeros(2, dtype=torch.long)}).logits
+        agnostic = method(batch).logits
+        second = method({**batch, "task_id": torch.ones(2, dtype=torch.long)})
+    assert torch.equal(oracle, just_learned)  # task 0's input is what it was when task 0 was scored
+    assert not torch.allclose(agnostic, just_learned)  # not vacuous: the full stack does change the answer
+    assert second.logits.shape == oracle.shape
+    assert method.prefix(1).shape[0] == 2 * 3 and method.prefix().shape[0] == 3 * 3
+    with pytest.raises(ValueError, match="one task id per batch"):
+        method({**batch, "task_id": torch.tensor([0, 1])})
+
+
 def test_generation_gives_the_training_forwards_first_token_logits():
     """If this fails, generation does not see the prompts as training did (wrong positions with left padding, a
     prompt-less prefill, or pads attended), so test scores measure something other than what was trained."""

@@ -6,6 +6,12 @@ kept, and the model always reads the whole stack, newest first (the paper's Eq. 
 
     training task k:  max_{P_k} log p(y | [P'_k ; P'_{k-1} ; ... ; P'_0 ; x])      base model and P'_{<k} frozen
     test (no task id): every finished prompt, [P'_{T-1} ; ... ; P'_0 ; x]          the same input for every task
+    test of task j under --oracle-task-id: [P'_j ; ... ; P'_0 ; x]                 the input task j trained with
+
+The paper's protocol is the last line: its code (arazd/ProgressivePrompts, ``T5ContinualLearner.train_continual``)
+scores each task right after learning it, with the stack up to that task, and that stack never changes afterwards,
+so the paper's "no forgetting" is task-aware. clbench evaluates every method task-agnostically by default, so the
+default here is the whole stack; ``--oracle-task-id`` gives the paper's setting (with it, R[i, j] = R[j, j] exactly).
 
 With the optional residual reparameterisation (the paper's Sec. 3.3) the prompt trained for task k is
 P'_k = P_k + MLP_k(P_k); after the task P'_k is computed once, stored in a frozen buffer and the MLP is dropped (the
@@ -90,6 +96,7 @@ class ProgressivePrompts(CLMethod):
     """A new soft prompt per task; earlier prompts frozen and concatenated in front of it (task-agnostic at test)."""
 
     config_class = ProgressivePromptsConfig
+    supports_oracle_task_id = True  # task j's own stack [P'_j ; ... ; P'_0], the paper's evaluation
 
     def __init__(self, model: nn.Module, tokenizer: Any, cfg: ProgressivePromptsConfig, num_tasks: int):
         super().__init__(model, tokenizer, cfg, num_tasks)
@@ -130,21 +137,32 @@ class ProgressivePrompts(CLMethod):
         """P'_t of the task being trained: P_t, or P_t + MLP(P_t) with the reparameterisation."""
         return self.mlp(self.prompts[t]) if self.mlp is not None else self.prompts[t]
 
-    def prefix(self) -> torch.Tensor | None:
+    def prefix(self, task_id: int | None = None) -> torch.Tensor | None:
         """[P'_t ; P'_{t-1} ; ... ; P'_0] (newest first), or None before any task began (the base model).
 
-        A task that began and is not finished contributes its live prompt (so eval-mode forwards during a task see
-        what training sees); finished tasks contribute their stored P'_k.
+        ``t`` is the current task, or ``task_id`` when given (``--oracle-task-id``: the stack task ``task_id`` was
+        trained with; later prompts are left out). A task that began and is not finished contributes its live
+        prompt (so eval-mode forwards during a task see what training sees); finished tasks contribute their stored
+        P'_k.
         """
         parts = []
         t = self.current_task
-        if 0 <= t < self.num_tasks and not bool(self.task_done[t]):
+        newest = self.num_tasks - 1 if task_id is None else task_id
+        if 0 <= t <= newest and t < self.num_tasks and not bool(self.task_done[t]):
             parts.append(self.live_prompt(t))
-        parts += [self.finished[k] for k in reversed(range(self.num_tasks)) if bool(self.task_done[k])]
+        parts += [self.finished[k] for k in reversed(range(newest + 1)) if bool(self.task_done[k])]
         return torch.cat(parts) if parts else None
 
     def _batch_prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        prefix = self.prefix()
+        task_id = None
+        if "task_id" in batch:  # --oracle-task-id: the harness sends one task per batch
+            ids = torch.unique(batch["task_id"]).tolist()
+            if len(ids) != 1:
+                raise ValueError(f"progressive-prompts: one task id per batch under --oracle-task-id, got {ids}")
+            task_id = int(ids[0])
+            if not 0 <= task_id < self.num_tasks:
+                raise ValueError(f"task_id {task_id} out of range: the run has {self.num_tasks} tasks")
+        prefix = self.prefix(task_id)
         return None if prefix is None else prefix.unsqueeze(0).expand(batch["input_ids"].shape[0], -1, -1)
 
     # ---- training and inference ---------------------------------------------------------------------------------
