@@ -277,3 +277,35 @@ def test_ddp_rank_zero_writes_general_csv(tmp_path, trace_dir):
     frame = pd.read_csv(out / "general.csv", index_col=0)
     assert list(frame.index) == ["before", "after-1:C-STANCE"]
     assert "general" in json.loads((out / "metrics.json").read_text())
+
+
+def test_per_task_lora_is_served_with_its_newest_adapter_instead_of_crashing():
+    """If this fails, `clbench run --method per-task-lora --general ...` (a cell of the committed grid) crashes at
+    the general-ability stage, because lm-eval's queries carry no task id and this reference cannot answer without
+    one; or it answers them with another task's adapter than the newest."""
+    from clbench.benchmark import Task, TaskSpec
+    from clbench.configs_dir import method_defaults
+    from clbench.registry import get_method
+
+    loaded = tiny_model()
+    cls = get_method("per-task-lora")
+    torch.manual_seed(0)
+    method = cls(loaded.model, loaded.tokenizer, cls.config_class(**method_defaults("per-task-lora")), num_tasks=2)
+    task = Task(TaskSpec("t", "accuracy"), train=[], eval=[], test=[])
+    for t in range(2):
+        method.begin_task(t, task)
+        with torch.no_grad():  # stand-in for training: each task's adapter moves away from zero differently
+            for p in method.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * (t + 1) * torch.randn_like(p))
+    method.eval()
+    tok = loaded.tokenizer
+    lm = _hflm(method.served_lm(), tok)
+    text = lm.generate_until(_requests("generate_until", [("b q", {"until": ["\n"], "max_gen_toks": 5})]))[0]
+    lm.loglikelihood(_requests("loglikelihood", [("b q", " a")]))
+    ids = torch.tensor([tok("b q", add_special_tokens=False)["input_ids"]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    newest = method.generate({**batch, "task_id": torch.tensor([1])}, 5)
+    first = method.generate({**batch, "task_id": torch.tensor([0])}, 5)
+    assert text == tok.decode(newest[0], skip_special_tokens=True).split("\n")[0]
+    assert not torch.equal(newest, first)  # not vacuous: the two adapters answer differently

@@ -157,10 +157,20 @@ class ServedLM(nn.Module):
     batch size 1 (see :func:`evaluate_general`).
     """
 
-    def __init__(self, method: CLMethod):
+    def __init__(self, method: CLMethod, task_id: int | None = None):
+        """``task_id``: given to every batch, for task-aware references that cannot answer without one (None: no
+        task id, the task-agnostic serving every CL method is scored with)."""
         super().__init__()
         self.method = method
         self.config = method.model.config
+        self.task_id = task_id
+
+    def _batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: Any) -> dict[str, Any]:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+        if self.task_id is not None:
+            batch["task_id"] = torch.full((input_ids.shape[0],), self.task_id, dtype=torch.long,
+                                          device=input_ids.device)
+        return batch
 
     @property
     def device(self) -> torch.device:
@@ -179,7 +189,7 @@ class ServedLM(nn.Module):
         """Logits of the method's served forward (an object with ``.logits``, as a HF model returns)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.method({"input_ids": input_ids, "attention_mask": attention_mask, "labels": None})
+        return self.method(self._batch(input_ids, attention_mask, labels=None))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -191,8 +201,7 @@ class ServedLM(nn.Module):
         new = max_new_tokens if max_new_tokens is not None else int(max_length) - input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "stopping_criteria": stopping_criteria}
-        tokens = self.method.generate(batch, new)
+        tokens = self.method.generate(self._batch(input_ids, attention_mask, stopping_criteria=stopping_criteria), new)
         return torch.cat([input_ids, tokens.to(input_ids.device)], dim=1)
 
 

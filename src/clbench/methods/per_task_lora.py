@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from clbench.benchmark import Task
 from clbench.registry import register_method
@@ -47,6 +48,14 @@ class PerTaskLoRA(TaskAdapters):
             self.activate([self.current_task], train=self.current_task)
         else:
             self.activate([0], train=None)
+
+    def served_lm(self) -> nn.Module:
+        """For ``--general``: the adapter of the last task trained (adapter 0, still zero, before the first). A
+        general-ability query belongs to no task, and this reference cannot answer without a task id; the model
+        that served the newest task is what continual training has produced."""
+        from clbench.general import ServedLM
+
+        return ServedLM(self, task_id=max(self.current_task, 0))
 
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
