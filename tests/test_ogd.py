@@ -61,7 +61,7 @@ def test_ogd_update_on_the_tiny_model_is_orthogonal_to_stored_directions():
     collate = Collator(method.tokenizer, train=True)
     method.end_task(0, tasks[0], train_loader=DataLoader(tasks[0].train, batch_size=4, collate_fn=collate))
     used = int(method.ogd_used)
-    assert 1 <= used <= 6
+    assert used == 6  # six distinct records give six independent directions in a 7,168-value adapter
     basis = method.ogd_basis[:used]
     torch.testing.assert_close(basis @ basis.T, torch.eye(used), atol=1e-5, rtol=0)
     method.begin_task(1, tasks[1])

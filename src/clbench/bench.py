@@ -3,8 +3,9 @@
 What is measured, for the base model (inference only) and each contender (a method built through the registry with
 its YAML defaults, plus ``--set LABEL.KEY=VALUE`` knobs for a ``LABEL=METHOD`` contender, so two settings of one
 method can be compared side by side), at task ``at_task`` of the order (default 1, the second task): every earlier
-task's end-of-task work runs on the bench's training batches first, without training (``begin_task(k)``,
-``finish_task(k)``: episodic memories, gradient bases, Fisher, the frozen teacher, keys), then ``begin_task(at_task)``.
+task gets one training step and its end-of-task work on the bench's training batches first (``begin_task(k)``, one
+step, ``finish_task(k)``: episodic memories, gradient bases, Fisher, the frozen teacher, keys), then
+``begin_task(at_task)``.
 Methods whose per-step cost starts with the second task (GEM and A-GEM's memory gradients, OGD's projection, LwF's
 teacher forward, EWC's penalty) pay it in the measured steps; at ``--at-task 0`` they do not.
 
@@ -210,6 +211,12 @@ def _random_records(n: int, seq_len: int, seed: int) -> list[dict[str, str]]:
     return records
 
 
+def train_collator(tokenizer: Any, cfg: BenchConfig) -> Collator:
+    """The collate function of every bench training batch; prompts are cut to their last ``seq_len`` tokens (the
+    Collator keeps the end, where the answer cue is)."""
+    return Collator(tokenizer, max_prompt_len=cfg.seq_len, max_answer_len=max(1, cfg.seq_len // 4), train=True)
+
+
 def make_batches(tokenizer: Any, cfg: BenchConfig) -> tuple[list[dict[str, Any]], dict[str, Any], Task, str]:
     """The fixed batches every contender sees: ``steps + warmup`` train batches, one generation batch, the task
     handed to every ``begin_task`` (its ``train`` is the records of the train batches), and a description of the
@@ -232,9 +239,7 @@ def make_batches(tokenizer: Any, cfg: BenchConfig) -> tuple[list[dict[str, Any]]
     train_records = [task.train[i % len(task.train)] for i in range(n_train)]
     test_records = [task.test[i % len(task.test)] for i in range(cfg.batch_size)]
     task = Task(task.spec, train=train_records, eval=task.eval, test=test_records)
-    # prompts are cut to their last seq_len tokens (the Collator keeps the end, where the answer cue is)
-    train_collate = Collator(tokenizer, max_prompt_len=cfg.seq_len, max_answer_len=max(1, cfg.seq_len // 4),
-                             train=True)
+    train_collate = train_collator(tokenizer, cfg)
     batches = [train_collate(train_records[i : i + cfg.batch_size]) for i in range(0, n_train, cfg.batch_size)]
     infer = Collator(tokenizer, max_prompt_len=cfg.seq_len, train=False)(
         [{"prompt": r["prompt"], "index": i} for i, r in enumerate(test_records)])
@@ -275,8 +280,7 @@ def contender_config(label: str, method_name: str, cfg: BenchConfig) -> Any:
 def earlier_tasks_loader(task: Task, tokenizer: Any, cfg: BenchConfig) -> torch.utils.data.DataLoader:
     """The training loader handed to ``finish_task`` of the tasks before ``at_task``: the bench's training records
     in its batches, through the same collate function as the train batches (methods read its ``collate_fn``)."""
-    collate = Collator(tokenizer, max_prompt_len=cfg.seq_len, max_answer_len=max(1, cfg.seq_len // 4), train=True)
-    return torch.utils.data.DataLoader(task.train, batch_size=cfg.batch_size, collate_fn=collate)
+    return torch.utils.data.DataLoader(task.train, batch_size=cfg.batch_size, collate_fn=train_collator(tokenizer, cfg))
 
 
 def advance_to_task(method: CLMethod, task: Task, cfg: BenchConfig, device: torch.device,
@@ -324,6 +328,8 @@ def build_contender(name: str, cfg: BenchConfig, task: Task, device: torch.devic
     method_name = method_name or name
     cls = registry.get_method(method_name)
     method_cfg = contender_config(name, method_name, cfg)
+    if cfg.at_task > 0 and batch is None:
+        raise ValueError("build_contender: at_task > 0 needs the training batch of the earlier tasks' step")
     method = cls(loaded.model, loaded.tokenizer, method_cfg, num_tasks=cfg.num_tasks)
     autocast = _autocast(device, cfg.precision)
 

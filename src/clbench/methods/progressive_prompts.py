@@ -148,7 +148,7 @@ class ProgressivePrompts(CLMethod):
         parts = []
         t = self.current_task
         newest = self.num_tasks - 1 if task_id is None else task_id
-        if 0 <= t <= newest and t < self.num_tasks and not bool(self.task_done[t]):
+        if 0 <= t <= newest and not bool(self.task_done[t]):
             parts.append(self.live_prompt(t))
         parts += [self.finished[k] for k in reversed(range(newest + 1)) if bool(self.task_done[k])]
         return torch.cat(parts) if parts else None
