@@ -56,6 +56,11 @@ def test_stored_stages_resume_and_delta_from_rows(tmp_path, trace_dir):
     assert list(frame.index) == ["before", "after-2:FOMC"]
     assert "gmini_piqa/brier_score" in frame.columns and "gmini_arith/exact_match:number" in frame.columns
     assert stored["2"]["scores"] == stored["0"]["scores"]  # zero adapter: every lm-eval number unchanged
+    # lm-eval's per-example scores are kept (the general delta's interval resamples them) and add up to each value
+    from clbench.general import examples_value
+
+    for name, value in stored["2"]["benchmarks"].items():
+        assert examples_value(stored["2"]["examples"][name]) == pytest.approx(value, abs=1e-9)
     general = json.loads((run / "metrics.json").read_text())["general"]
     assert general["delta"]["gmini_piqa"] == pytest.approx(0.125)  # from the edited stored row
     assert {k: v for k, v in general["delta"].items() if k != "gmini_piqa"} == dict.fromkeys(
@@ -70,7 +75,7 @@ def test_stored_stages_resume_and_delta_from_rows(tmp_path, trace_dir):
     assert table.loc[0, "general_delta"] == pytest.approx(0.125 / 4)
     assert table.loc[0, "general_delta[gmini_piqa]"] == pytest.approx(0.125)
     report = write_report([run], tmp_path / "report")
-    assert "general_vs_op.png" in report.read_text()
+    assert "general_vs_op.png" in report.read_text() and "### General-ability retention" in report.read_text()
     assert list((tmp_path / "report" / "figures").rglob("general_vs_op.png"))
 
 

@@ -217,3 +217,117 @@ def test_paired_difference_and_marks():
     assert intervals.difference_mark(float("nan"), 1.0) == "?"
     assert intervals.pooled_spread([(0.1, 2), None, (0.2, 2)]) == pytest.approx((math.sqrt(0.025), 4))
     assert intervals.pooled_spread([None]) is None and intervals.seed_spread([0.5]) is None
+
+
+# ---- the general-ability delta (--general) -----------------------------------------------------------------------
+
+
+def add_general(folder, before: dict[str, dict[str, list[float]]], after: dict[str, dict[str, list[float]]],
+                weighting: str = "pooled", examples: bool = True):
+    """Give a hand-made run folder a --general result: general.json's two stages with per-example scores (``before``
+    / ``after``: benchmark -> subtask -> scores) and metrics.json's summary, as the harness writes them."""
+    from clbench.general import examples_value, general_summary
+
+    rows = {}
+    for stage, label, scores in ((0, "before", before), (3, "after-3:C", after)):
+        entries = {b: {"weighting": weighting, "units": units} for b, units in scores.items()}
+        rows[stage] = {"label": label, "benchmarks": {b: examples_value(e) for b, e in entries.items()},
+                       "scores": {}, "seconds": 1.0, **({"examples": entries} if examples else {})}
+    (folder / "general.json").write_text(json.dumps({"rows": {str(k): v for k, v in rows.items()}}))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["general"] = general_summary(rows)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def _flip(scores: np.ndarray, k: int) -> list[float]:
+    """The 0/1 ``scores`` with their first ``k`` ones set to 0 (k examples lost)."""
+    out = scores.copy()
+    out[np.flatnonzero(out == 1)[:k]] = 0.0
+    return out.tolist()
+
+
+def test_general_delta_interval_is_the_paired_bootstrap_of_per_example_differences(tmp_path):
+    """If this fails, the mean general-ability delta shows no interval (or one that ignores which examples were
+    tested, or forgets the pairing of the two stages), so a loss of one or two examples out of 50 reads as real."""
+    rng = np.random.default_rng(11)
+    piqa, arith = (rng.random(50) < 0.6).astype(float), (rng.random(40) < 0.5).astype(float)
+    before = {"piqa": {"piqa": piqa.tolist()}, "arith": {"arith": arith.tolist()}}
+    after = {"piqa": {"piqa": _flip(piqa, 10)}, "arith": {"arith": arith.tolist()}}
+    folder = add_general(write_examples_run(tmp_path / "one", "lora", 0, random_correct(rng, 0.5)), before, after)
+    run = load_run(folder)
+    from clbench.leaderboard import general_units
+
+    units = general_units(run)
+    assert [u.name for u in units] == ["piqa/piqa", "arith/arith"] and [u.weight for u in units] == [0.5, 0.5]
+    devs = intervals.general_deviations(units)
+    # plug-in bootstrap spread of (1/2) mean_k d_k over piqa's 50 paired differences (arith's are all 0)
+    d = np.asarray(after["piqa"]["piqa"]) - piqa
+    assert devs.std() == pytest.approx(0.5 * d.std() / np.sqrt(50), rel=0.06)
+    row = build_leaderboard([tmp_path / "one"]).iloc[0]
+    assert row["general_delta"] == pytest.approx(-10 / 50 / 2)
+    assert row["general_delta_ci_low"] < row["general_delta"] < row["general_delta_ci_high"] < 0  # 10 lost: real
+    assert "general-no-test-var" not in row["ci_flags"]
+    # a tag (unweighted mean of its subtasks' means): the weights follow, and still reproduce the delta
+    sub_a, sub_b = (rng.random(30) < 0.5).astype(float), (rng.random(10) < 0.5).astype(float)
+    tag = add_general(write_examples_run(tmp_path / "tag", "lora", 0, random_correct(rng, 0.5)),
+                      {"tydiqa": {"a": sub_a.tolist(), "b": sub_b.tolist()}},
+                      {"tydiqa": {"a": _flip(sub_a, 3), "b": _flip(sub_b, 1)}}, weighting="mean")
+    units = general_units(load_run(tag))
+    assert [u.weight for u in units] == [0.5, 0.5]
+    assert sum(u.weight * u.delta.mean() for u in units) == pytest.approx(load_run(tag)["general"]["delta_mean"])
+
+
+def test_general_delta_seeds_pairs_and_flags(tmp_path):
+    """If this fails, a general delta averaged over seeds is not combined with their spread, a method that keeps its
+    general ability is not told apart from lora losing it, or a row without per-example scores claims an interval
+    that covers test sampling."""
+    rng = np.random.default_rng(12)
+    base = (rng.random(60) < 0.6).astype(float)
+    for seed in range(3):
+        correct = random_correct(rng, 0.5)
+        add_general(write_examples_run(tmp_path / "g", "lora", seed, correct), {"boolq": {"boolq": base.tolist()}},
+                    {"boolq": {"boolq": _flip(base, 12 + 2 * seed)}})
+        add_general(write_examples_run(tmp_path / "g", "replay", seed, correct), {"boolq": {"boolq": base.tolist()}},
+                    {"boolq": {"boolq": base.tolist()}})
+    table = build_leaderboard([tmp_path / "g"])
+    lora, replay = _row(table, method="lora"), _row(table, method="replay")
+    assert lora["general_delta_ci_high"] < 0 and lora["ci_flags"] == ""
+    # replay's delta is exactly 0 on every seed and example: its own interval collapses to [0, 0] (3 identical
+    # seeds), and the paired difference from lora lies above 0
+    assert replay["general_delta"] == 0.0 and replay["vs_lora"].endswith("general +")
+    assert replay["general_delta_vs_lora_low"] > 0 and replay["general_delta_vs_lora_p"] < 0.05
+    # one seed alone in its section: nothing to pool the general seed spread from, and the row says so
+    single = build_leaderboard([next((tmp_path / "g").glob("*lora-o1-s0"))]).iloc[0]
+    assert "no-seed-var" in single["ci_flags"]
+    # an older folder whose general.json has no per-example scores: flagged, covering its seed spread only
+    for seed in range(2):
+        add_general(write_examples_run(tmp_path / "old", "lora", seed, random_correct(rng, 0.5)),
+                    {"boolq": {"boolq": base.tolist()}}, {"boolq": {"boolq": _flip(base, 5 * seed + 3)}},
+                    examples=False)
+    old = build_leaderboard([tmp_path / "old"]).iloc[0]
+    assert old["ci_flags"].split() == ["general-no-test-var"]  # R's predictions are there: only the general term
+    assert old["general_delta_ci_low"] < old["general_delta"] < old["general_delta_ci_high"]
+    # a row without --general has no general columns to fill and no general mark
+    write_examples_run(tmp_path / "none", "lora", 0, random_correct(rng, 0.5))
+    plain = build_leaderboard([tmp_path / "none"]).iloc[0]
+    assert "general" not in plain["vs_lora"] and "general" not in plain["ci_flags"]
+
+
+def test_benchmark_examples_reproduce_lm_evals_value_or_are_dropped():
+    """If this fails, the general delta's test term resamples scores that do not add up to the benchmark value
+    lm-eval reported (a group pooled, a tag averaged, another filter's samples mixed in) instead of leaving it out."""
+    from clbench.general import benchmark_examples
+
+    def samples(name, scores, filt="none", metric="acc"):
+        return [{"doc_id": k, "filter": filt, metric: s} for k, s in reversed(list(enumerate(scores)))]
+
+    group = {"a": samples("a", [1, 0, 1, 1]), "b": samples("b", [0, 0])}
+    pooled = benchmark_examples("acc,none", 3 / 6, group)
+    assert pooled == {"weighting": "pooled", "units": {"a": [1.0, 0.0, 1.0, 1.0], "b": [0.0, 0.0]}}  # by doc_id
+    assert benchmark_examples("acc,none", (0.75 + 0.0) / 2, group)["weighting"] == "mean"
+    assert benchmark_examples("acc,none", 0.9, group) is None  # neither reproduces it (a non-mean metric)
+    both = {"t": samples("t", [1, 1], "strict") + samples("t", [0, 0], "flexible")}
+    assert benchmark_examples("acc,strict", 1.0, both) == {"weighting": "pooled", "units": {"t": [1.0, 1.0]}}
+    tuples = {"t": [{"doc_id": 0, "filter": "none", "acc": (1, 0)}]}
+    assert benchmark_examples("acc,none", 1.0, tuples) is None

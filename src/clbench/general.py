@@ -215,6 +215,8 @@ class GeneralResult:
     seconds: float
     lm_eval_version: str = ""
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per benchmark, its per-example scores (see :func:`benchmark_examples`): the general delta's test-sample term
+    examples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def column(task: str, key: str) -> str:
@@ -250,6 +252,48 @@ def benchmark_value(task: SuiteTask, results: dict[str, dict[str, Any]]) -> tupl
         raise ConfigError(f"lm-eval reported no '{key}' for '{task.name}' (it reported: "
                           f"{', '.join(sorted(flatten(results)))})")
     return key, float(np.mean(values))
+
+
+def benchmark_examples(key: str, value: float, samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Per-example scores behind ``value`` from lm-eval's logged samples: ``{"weighting": "pooled" | "mean",
+    "units": {subtask: [score of each doc, by doc_id]}}``, or None when they cannot reproduce it.
+
+    ``key`` is the benchmark's metric (``"acc,none"``: the samples of that filter, their ``acc``). A plain task is
+    one unit. A group's value (MMLU) is the size-weighted mean of its subtasks, i.e. the mean over the pooled examples
+    ("pooled"); a tag's (TydiQA) is the unweighted mean of its subtasks' means ("mean"). Whichever reproduces
+    ``value`` to 1e-6 is kept; a metric that is not a mean of per-example scores (corpus BLEU, F1) reproduces neither,
+    and the interval then leaves the general delta's test sampling out and says so.
+    """
+    metric, _, filt = key.partition(",")
+    units: dict[str, list[float]] = {}
+    for name, records in samples.items():
+        chosen = sorted((r for r in records if r.get("filter", "none") == (filt or "none")), key=lambda r: r["doc_id"])
+        scores = [r.get(metric) for r in chosen]
+        if not scores or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+            return None
+        units[name] = [float(x) for x in scores]
+    if not units:
+        return None
+    for weighting in ("pooled", "mean"):
+        if abs(examples_value({"weighting": weighting, "units": units}) - value) <= 1e-6:
+            return {"weighting": weighting, "units": units}
+    return None
+
+
+def examples_value(entry: dict[str, Any]) -> float:
+    """The benchmark value :func:`benchmark_examples`' entry stands for (pooled or unweighted mean of unit means)."""
+    units = [np.asarray(u, dtype=float) for u in entry["units"].values()]
+    if entry["weighting"] == "pooled":
+        return float(np.concatenate(units).mean())
+    return float(np.mean([u.mean() for u in units]))
+
+
+def unit_weights(entry: dict[str, Any]) -> dict[str, float]:
+    """Each unit's share of its benchmark's value: n_u / Σ n (pooled) or 1 / U (mean of unit means)."""
+    sizes = {name: len(u) for name, u in entry["units"].items()}
+    if entry["weighting"] == "pooled":
+        return {name: n / sum(sizes.values()) for name, n in sizes.items()}
+    return {name: 1 / len(sizes) for name in sizes}
 
 
 # lm-eval's modules that draw progress bars: the per-task request building (api.task) has no switch at all, and the
@@ -315,16 +359,19 @@ def evaluate_general(method: CLMethod, tokenizer: Any, spec: str, batch_size: in
     benchmarks: dict[str, float] = {}
     scores: dict[str, float] = {}
     settings: dict[str, dict[str, Any]] = {}
+    examples: dict[str, dict[str, Any]] = {}
     try:
         with _preserved_rng(), _progress_bars(progress):
             lm = HFLM(pretrained=served, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
             for task in tasks:
                 out = lm_eval.simple_evaluate(model=lm, tasks=[task.name], num_fewshot=task.num_fewshot,
                                               task_manager=manager, limit=limit, bootstrap_iters=0,
-                                              log_samples=False, **SEEDS)
+                                              log_samples=True, **SEEDS)
                 results = out["results"]
                 key, value = benchmark_value(task, results)
                 benchmarks[task.name] = value
+                if (entry := benchmark_examples(key, value, out.get("samples") or {})) is not None:
+                    examples[task.name] = entry
                 scores.update(flatten(results))
                 scores.setdefault(column(task.name, key), value)  # a tag's mean gets a column of its own
                 settings[task.name] = {"metric": key, "num_fewshot": task.num_fewshot, "source": task.source,
@@ -334,7 +381,7 @@ def evaluate_general(method: CLMethod, tokenizer: Any, spec: str, batch_size: in
             q.setLevel(level)
         method.train(was_training)
     return GeneralResult(benchmarks, scores, time.perf_counter() - started,
-                         getattr(lm_eval, "__version__", ""), settings)
+                         getattr(lm_eval, "__version__", ""), settings, examples)
 
 
 def general_summary(rows: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -227,6 +227,6 @@ class Harness:
             method.to(home)
         self.store.add_general_row(stage, {"label": label, "benchmarks": result.benchmarks, "scores": result.scores,
                                            "seconds": result.seconds, "lm_eval": result.lm_eval_version,
-                                           "settings": result.settings})
+                                           "settings": result.settings, "examples": result.examples})
         line = "  ".join(f"{k} {v:.3f}" for k, v in result.benchmarks.items())
         say(f"[magenta]general {label}[/] ({result.seconds:.0f} s): {line}")

@@ -31,6 +31,15 @@ the example draws are shared (paired on examples), the seed terms independent (s
 A is *distinguishable* from B when the 95 % percentile interval of d excludes 0; the two-sided bootstrap p-value
 p = min(1, 2 (1 + min(#{d_b ≤ 0}, #{d_b ≥ 0})) / (N_BOOT + 1)) is the one that interval inverts.
 
+**General-ability delta** (``--general``, :mod:`clbench.general`). A run's mean delta is
+Δ = (1/B) Σ_b (after_b − before_b) over the suite's B benchmarks, each benchmark a mean of per-example scores
+(pooled over its subtasks, or the unweighted mean of its subtasks' means for a tag). Both stages score the *same*
+examples, so Δ is a weighted sum of paired per-example differences d_uk = after_uk − before_uk over units u (a
+benchmark, or one subtask of it) with weights c_u (1/B times the unit's share of its benchmark): Δ = Σ_u c_u ·
+mean_k d_uk. Its test term resamples the examples of every unit as above (draws fixed by the unit's name and size,
+shared by seeds and methods), δ_s(b) = Σ_u c_u (Σ_k w_buk d_uk − mean_k d_uk); its seed term, pooling and flags are
+those of OP/BWT/FWT. A row gets it as the metric ``general_delta`` over the seeds that ran ``--general``.
+
 Everything here is numpy on small arrays; :data:`SEED` fixes every draw, so a leaderboard is reproducible.
 """
 
@@ -46,8 +55,9 @@ import numpy as np
 from clbench import cl_metrics
 
 METRICS = ("OP", "BWT", "FWT")
+GENERAL = "general_delta"  # the mean general-ability delta, the fourth metric of a row that ran --general
 # the values each metric can take (scores are 0-1): an interval end beyond them is clipped (the t term is unbounded)
-RANGES = {"OP": (0.0, 1.0), "BWT": (-1.0, 1.0), "FWT": (-1.0, 1.0)}
+RANGES = {"OP": (0.0, 1.0), "BWT": (-1.0, 1.0), "FWT": (-1.0, 1.0), GENERAL: (-1.0, 1.0)}
 N_BOOT = 4000  # Monte-Carlo error of a 2.5 % quantile at 4000 replicates is ~0.25 % of the spread: negligible
 SEED = 20261202
 LEVEL = 0.95
@@ -90,6 +100,27 @@ def run_deviations(examples: Sequence[np.ndarray], tasks: Sequence[str], n_boot:
     base = cl_metrics.summarize_stack(full)
     boot = cl_metrics.summarize_stack(resampled_R(examples, weights))
     return {m: boot[m] - base[m] for m in METRICS}
+
+
+@dataclass(frozen=True)
+class GeneralUnit:
+    """One block of paired examples of a general-ability benchmark: ``delta[k]`` = score of example k after the last
+    task minus before the first; ``weight`` c_u is its share of the run's mean delta (see the module docstring);
+    ``name`` (e.g. ``"mmlu/mmlu_anatomy"``) with the size fixes its bootstrap draw."""
+
+    name: str
+    weight: float
+    delta: np.ndarray
+
+
+def general_deviations(units: Sequence[GeneralUnit], n_boot: int = N_BOOT) -> np.ndarray:
+    """δ(b) = Σ_u c_u (Σ_k w_buk d_uk − mean_k d_uk), shape (n_boot,): the test-example term of one run's mean
+    general-ability delta (weights w from :func:`resample_weights`, the same draw for every run of the unit)."""
+    total = np.zeros(n_boot)
+    for unit in units:
+        d = np.asarray(unit.delta, dtype=float)
+        total += unit.weight * (resample_weights(unit.name, len(d), n_boot) @ d - d.mean())
+    return total
 
 
 def seed_spread(values: Sequence[float]) -> tuple[float, int] | None:
@@ -164,6 +195,9 @@ class RowInput:
     ``section`` groups rows that may pool seed spreads and be compared (same benchmark, model, task count, data and
     hardware class); ``order`` further restricts comparisons (different task orders are different experiments).
     ``examples[s]`` is seed s's list of per-task (T+1, n_j) score matrices in ``tasks`` order, or None.
+    ``values`` may hold :data:`GENERAL` too: the mean general-ability deltas of the seeds that ran ``--general``,
+    with ``general_units`` (one list of :class:`GeneralUnit` per such seed, or None where its per-example scores are
+    unknown).
     """
 
     key: str
@@ -173,6 +207,7 @@ class RowInput:
     tasks: list[str]
     values: dict[str, list[float]]
     examples: list[list[np.ndarray] | None]
+    general_units: list[list[GeneralUnit] | None] = field(default_factory=list)
     n_seeds: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -184,12 +219,16 @@ NOTES = {
     "pooled": "1 seed: seed spread pooled from the section's multi-seed rows",
     "no-seed-var": "1 seed: seed variation not covered",
     "no-test-var": "test sampling not covered (no usable predictions)",
+    "general-no-test-var": "general delta: test sampling not covered (no per-example lm-eval scores)",
 }
 
 
-def _note_codes(has_examples: bool, spread_kind: str) -> list[str]:
-    """Codes of :data:`NOTES` for a row (none when its interval covers seeds and examples from its own runs)."""
+def _note_codes(has_examples: bool, spread_kind: str, general_examples: bool | None = None) -> list[str]:
+    """Codes of :data:`NOTES` for a row (none when its interval covers seeds and examples from its own runs);
+    ``general_examples`` None: the row has no general delta."""
     codes = [] if has_examples else ["no-test-var"]
+    if general_examples is False:
+        codes.append("general-no-test-var")
     if spread_kind == "pooled":
         codes.append("pooled")
     elif spread_kind == "none":
@@ -197,49 +236,71 @@ def _note_codes(has_examples: bool, spread_kind: str) -> list[str]:
     return codes
 
 
+def _row_metrics(row: RowInput) -> tuple[str, ...]:
+    """The metrics a row has an interval for: OP, BWT, FWT, and the general delta when a seed ran ``--general``."""
+    return (*METRICS, GENERAL) if row.values.get(GENERAL) else METRICS
+
+
+def _deviations(row: RowInput, n_boot: int) -> tuple[dict[str, np.ndarray | None], bool, bool | None]:
+    """Per metric, the (S, n_boot) test-example deviations of the row's seeds (None where some seed's examples are
+    unknown), whether R's examples are known and whether the general delta's are (None: no general delta)."""
+    has_examples = row.n_seeds > 0 and all(e is not None for e in row.examples)
+    devs: dict[str, np.ndarray | None] = dict.fromkeys(METRICS)
+    if has_examples:
+        per_seed = [run_deviations(e, row.tasks, n_boot) for e in row.examples]
+        devs = {m: np.stack([d[m] for d in per_seed]) for m in METRICS}
+    general_known = None
+    if GENERAL in _row_metrics(row):
+        general_known = (len(row.general_units) == len(row.values[GENERAL])
+                         and all(u is not None for u in row.general_units))
+        devs[GENERAL] = (np.stack([general_deviations(u, n_boot) for u in row.general_units])
+                         if general_known else None)
+    return devs, has_examples, general_known
+
+
 def leaderboard_intervals(rows: Sequence[RowInput], reference_method: str = "lora", n_boot: int = N_BOOT,
                           level: float = LEVEL) -> list[dict[str, Any]]:
     """Interval and comparison columns for every row, in input order.
 
-    Per metric m: ``m_ci_low``, ``m_ci_high`` (see the module docstring), ``m_vs_<ref>_low/high/p`` (the paired
-    difference row − reference, where the reference is the ``reference_method`` row of the same section and order
-    with the most seeds; NaN for the reference itself or where there is none); ``ci_flags`` (codes of :data:`NOTES`)
-    and ``ci_note`` (their sentences: what the interval does not cover or borrows); ``vs_<ref>``: one mark per
-    metric, e.g. ``OP + BWT ≈ FWT −`` (+: higher than the reference, i.e. better for all three metrics; ≈: not
-    distinguishable), empty for the reference row and without a reference.
+    Per metric m (OP, BWT, FWT and, for rows that ran ``--general``, :data:`GENERAL`): ``m_ci_low``, ``m_ci_high``
+    (see the module docstring), ``m_vs_<ref>_low/high/p`` (the paired difference row − reference, where the
+    reference is the ``reference_method`` row of the same section and order with the most seeds; NaN for the
+    reference itself or where there is none); ``ci_flags`` (codes of :data:`NOTES`) and ``ci_note`` (their
+    sentences: what the interval does not cover or borrows); ``vs_<ref>``: one mark per metric, e.g. ``OP + BWT ≈
+    FWT −`` (+: higher than the reference, i.e. better for all of them; ≈: not distinguishable), the general delta's
+    as ``general ≈`` when both rows have one; empty for the reference row and without a reference.
     """
-    own = {r.key: {m: seed_spread(r.values[m]) for m in METRICS} for r in rows}
+    own = {r.key: {m: seed_spread(r.values[m]) for m in _row_metrics(r)} for r in rows}
     pooled = {}
     for section in {r.section for r in rows}:
         members = [r for r in rows if r.section == section]
-        pooled[section] = {m: pooled_spread([own[r.key][m] for r in members]) for m in METRICS}
+        pooled[section] = {m: pooled_spread([own[r.key].get(m) for r in members]) for m in (*METRICS, GENERAL)}
 
     reps: dict[str, dict[str, np.ndarray]] = {}
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
-        has_examples = r.n_seeds > 0 and all(e is not None for e in r.examples)
-        devs = ([run_deviations(e, r.tasks, n_boot) for e in r.examples] if has_examples else None)
+        devs, has_examples, general_known = _deviations(r, n_boot)
         rng = _stream("seeds", r.key)
         cols: dict[str, Any] = {}
         kinds = set()
         reps[r.key] = {}
-        for m in METRICS:
+        for m in _row_metrics(r):
+            n_values = len(r.values[m])
             spread, kind = own[r.key][m], "own"
-            if spread is None and r.n_seeds == 1:
+            if spread is None and n_values == 1:
                 spread = pooled[r.section][m]
                 kind = "pooled" if spread is not None else "none"
             if not np.isnan(np.asarray(r.values[m], dtype=float)).any():
                 kinds.add(kind)  # an undefined metric (joint training's BWT) says nothing about coverage
-            dev = np.stack([d[m] for d in devs]) if devs is not None else None
-            rep = row_replicates(r.values[m], dev, spread, rng, n_boot)
+            rep = row_replicates(r.values[m], devs[m], spread, rng, n_boot)
             low, high = (float(np.clip(v, *RANGES[m])) for v in percentile_interval(rep, level))
-            if r.n_seeds == 1 and high - low <= 1e-12:  # (float noise of weights that sum to 1 ± 1 ulp)
+            if n_values == 1 and high - low <= 1e-12:  # (float noise of weights that sum to 1 ± 1 ulp)
                 low = high = float("nan")  # one seed and no measurable variation: no interval rather than [x, x]
                 rep = np.full(n_boot, np.nan)
             reps[r.key][m] = rep
             cols[f"{m}_ci_low"], cols[f"{m}_ci_high"] = low, high
         kind = "pooled" if "pooled" in kinds else "none" if "none" in kinds else "own"
-        codes = _note_codes(has_examples, kind)
+        codes = _note_codes(has_examples, kind, general_known)
         cols["ci_flags"] = " ".join(codes)
         cols["ci_note"] = "; ".join(NOTES[c] for c in codes)
         out[r.key] = cols
@@ -250,13 +311,13 @@ def leaderboard_intervals(rows: Sequence[RowInput], reference_method: str = "lor
         ref = max(refs, key=lambda q: q.n_seeds, default=None)
         cols = out[r.key]
         marks = []
-        for m in METRICS:
-            if ref is None or ref.key == r.key:
+        for m in _row_metrics(r):
+            if ref is None or ref.key == r.key or m not in reps[ref.key]:
                 low = high = p = float("nan")
             else:
                 low, high, p = paired_difference(reps[r.key][m], reps[ref.key][m], level)
                 if not np.isnan(np.asarray(r.values[m], dtype=float)).any():
-                    marks.append(f"{m} {difference_mark(low, high)}")
+                    marks.append(f"{'general' if m == GENERAL else m} {difference_mark(low, high)}")
             cols[f"{m}_{ref_name}_low"], cols[f"{m}_{ref_name}_high"], cols[f"{m}_{ref_name}_p"] = low, high, p
         cols[ref_name] = " ".join(marks)
     return [out[r.key] for r in rows]

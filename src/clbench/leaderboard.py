@@ -206,6 +206,40 @@ def general_columns(run: dict[str, Any]) -> dict[str, float]:
     return {k: np.nan if v is None else float(v) for k, v in out.items()}
 
 
+def general_units(run: dict[str, Any]) -> list[intervals.GeneralUnit] | None:
+    """The paired per-example differences behind a run's mean general delta (:class:`clbench.intervals.GeneralUnit`
+    per benchmark or subtask), from the per-example lm-eval scores general.json stores for the first and last stage.
+
+    None when the run has no general delta, a stage lacks a benchmark's examples (runs from before they were
+    stored), the two stages' examples differ in names or counts, or they do not reproduce ``delta_mean`` to 1e-6.
+    """
+    from clbench.general import examples_value, unit_weights
+
+    general = run.get("general") or {}
+    if not general.get("delta"):
+        return None
+    try:
+        rows = RunStore(Path(run["run_dir"])).general_rows()
+        before, after = rows[0].get("examples") or {}, rows[max(rows)].get("examples") or {}
+        names = list(general["benchmarks"])
+        units: list[intervals.GeneralUnit] = []
+        total = 0.0
+        for name in names:
+            first, last = before[name], after[name]
+            if first["weighting"] != last["weighting"] or {k: len(v) for k, v in first["units"].items()} != {
+                    k: len(v) for k, v in last["units"].items()}:
+                return None
+            total += (examples_value(last) - examples_value(first)) / len(names)
+            for unit, share in unit_weights(first).items():
+                delta = np.asarray(last["units"][unit], dtype=float) - np.asarray(first["units"][unit], dtype=float)
+                units.append(intervals.GeneralUnit(f"{name}/{unit}", share / len(names), delta))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if max(rows) == 0 or not np.isclose(total, float(general.get("delta_mean", np.nan)), rtol=0, atol=1e-6):
+        return None
+    return units
+
+
 def example_matrices(run: dict[str, Any]) -> list[np.ndarray] | None:
     """Per-example scores of a run, one (T+1, n_j) matrix per task (columns of R): x[i, k] = score of test example k
     of task j after row i (NaN rows where R has none), from ``predictions/after-<i>/<Task>.json`` scored with the
@@ -284,11 +318,15 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
         row["torch_threads"] = _distinct(group["torch_threads"])
         out.append(row)
         members = [runs[i] for i in group.index]
+        with_general = [r for r in members if not np.isnan(general_columns(r).get("general_delta", np.nan))]
         interval_inputs.append(intervals.RowInput(
             key=json.dumps([str(v) for v in key]), section=tuple(row[k] for k in SECTION_KEYS), order=row["order"],
             method=str(row["method"]), tasks=list(members[0]["tasks"]),
-            values={m: list(pd.to_numeric(group[m], errors="coerce")) for m in intervals.METRICS},
-            examples=[example_matrices(r) for r in members]))
+            values={**{m: list(pd.to_numeric(group[m], errors="coerce")) for m in intervals.METRICS},
+                    # the seeds that ran --general (the mean above is over them too)
+                    intervals.GENERAL: [general_columns(r)["general_delta"] for r in with_general]},
+            examples=[example_matrices(r) for r in members],
+            general_units=[general_units(r) for r in with_general]))
     for row, extra in zip(out, intervals.leaderboard_intervals(interval_inputs, REFERENCE_METHOD), strict=True):
         row.update(extra)
     table = pd.DataFrame(out)
@@ -346,10 +384,10 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
     """Rich tables of the leaderboard, one per benchmark × model × task count × data × hardware class (rows in one
     table compare).
 
-    Scores ×100: OP/BWT/FWT as mean [95 % interval over seeds and test examples], extra BWT conventions as mean ±
-    std, the mark
-    against lora (+ higher, − lower, ≈ not distinguishable; docs/uncertainty.md), order spread, costs, flags and what
-    an interval leaves out; version, commit and command are in the CSV (too wide for a terminal).
+    Scores ×100: OP/BWT/FWT (and the mean general-ability delta of runs with ``--general``) as mean [95 % interval
+    over seeds and test examples], extra BWT conventions as mean ± std, the mark against lora (+ higher, − lower,
+    ≈ not distinguishable; docs/uncertainty.md), order spread, costs, flags and what an interval leaves out;
+    version, commit and command are in the CSV (too wide for a terminal).
     """
     from rich.console import Console
     from rich.markup import escape
@@ -369,17 +407,21 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
 
     for key, group in table.groupby(SECTION_KEYS, dropna=False, sort=False):
         bench, model, n_tasks, digest, hw_class = key
+        # general-ability delta (--general): a column only where some row of the table has one
+        general = "general_delta" in group and bool(group["general_delta"].notna().any())
         versions = " ".join(sorted({f"clbench {v}" for v in group["clbench_version"] if v} |
                                    {f"commit {c}" for c in group["git_commit"] if c}))
         view = Table(title=escape(f"{bench} · model {model} · {n_tasks} tasks · data {digest or '?'} · hardware "
                                   f"{hw_class}: scores ×100, mean [95 % CI] over seeds and test examples; vs lora: "
-                                  "OP BWT FWT each + higher, − lower, ≈ not distinguishable"),
+                                  f"OP BWT FWT{' general Δ' if general else ''} each + higher, − lower, "
+                                  "≈ not distinguishable"),
                      caption=escape(versions) or None)
         # "BWT[max-drop]" would read as rich markup and vanish: label it "BWT (max-drop)"
         labels = [f"BWT ({c[4:-1]})" for c in conventions]
         # one task order: no order spread to show, and a column of blanks would only squeeze the others
         spread = group["OP_order_spread"].notna().any()
-        for col in ("method", "order", "seeds", "OP", "BWT", "FWT", *labels, "vs lora",
+        for col in ("method", "order", "seeds", "OP", "BWT", "FWT", *labels, *(["general Δ"] if general else []),
+                    "vs lora",
                     *(["OP order spread"] if spread else []), "added params", "step s", "infer ms/ex", "peak MB",
                     "flags"):
             view.add_column(escape(col), no_wrap=col in ("method", "OP", "BWT", "FWT", *labels))
@@ -390,6 +432,8 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
                 *(escape(fmt_interval(r.get(f"{m}_mean"), r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high"), 100, 1))
                   for m in ("OP", "BWT", "FWT")),
                 *(fmt_mean_std(r.get(f"{m}_mean"), r.get(f"{m}_std"), 100, 1) for m in conventions),
+                *([escape(fmt_interval(r.get("general_delta"), r.get("general_delta_ci_low"),
+                                       r.get("general_delta_ci_high"), 100, 1))] if general else []),
                 # "OP + BWT ≈ FWT −" -> "+ ≈ −" (the header names the metrics)
                 " ".join(str(r.get(f"vs_{REFERENCE_METHOD}") or "").split()[1::2]),
                 *([num(r.get("OP_order_spread"), ".3f")] if spread else []),

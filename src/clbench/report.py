@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clbench.intervals import NOTES
+from clbench.intervals import GENERAL, NOTES
 from clbench.leaderboard import (
     GROUP_KEYS,
     REFERENCE_METHOD,
@@ -565,7 +565,7 @@ def _pm(mean: Any, std: Any) -> str:
 
 
 # superscripts on an interval cell saying what it does not cover or borrows (codes of clbench.intervals.NOTES)
-CI_MARKS = {"pooled": "ᵖ", "no-seed-var": "ˢ", "no-test-var": "ᵗ"}
+CI_MARKS = {"pooled": "ᵖ", "no-seed-var": "ˢ", "no-test-var": "ᵗ", "general-no-test-var": "ᵍ"}
 CI_NOTE = ("95 % CI: interval over seeds and test examples (docs/uncertainty.md); "
            + "; ".join(f"{CI_MARKS[c]} {NOTES[c]}" for c in CI_MARKS)
            + f". vs {REFERENCE_METHOD}: paired difference from {REFERENCE_METHOD} in the same order, + higher (better "
@@ -577,7 +577,9 @@ def _ci(row: dict[str, Any], metric: str) -> str:
     mean, low, high = (row.get(f"{metric}_{k}") for k in ("mean", "ci_low", "ci_high"))
     if mean is None or pd.isna(mean):
         return "n/a"
-    marks = "".join(CI_MARKS.get(c, "") for c in str(row.get("ci_flags") or "").split())
+    # a test-sampling flag belongs to its own metric: R's to OP/BWT/FWT, the general delta's to the general delta
+    other = "no-test-var" if metric == GENERAL else "general-no-test-var"
+    marks = "".join(CI_MARKS.get(c, "") for c in str(row.get("ci_flags") or "").split() if c != other)
     if low is None or high is None or pd.isna(low) or pd.isna(high):
         return f"no CI{marks}"
     return f"[{low * SCALE:.1f}, {high * SCALE:.1f}]{marks}"
@@ -622,6 +624,26 @@ def leaderboard_markdown(section: Section, conventions: list[str]) -> str:
                      e.row.get(f"vs_{REFERENCE_METHOD}") or ("—" if e.method == REFERENCE_METHOD else "")])
     align = ["---"] + ["---:"] * (len(header) - 1)
     return _md_table(header, rows, align)
+
+
+def general_markdown(section: Section) -> str:
+    """General-ability retention (--general): per benchmark the delta after the last task − before the first
+    (×100, mean over the seeds that ran the suite), the mean delta with its 95 % interval over seeds and test
+    examples (:mod:`clbench.intervals`), and its paired mark against lora (see :data:`CI_NOTE`)."""
+    entries = [e for e in section.entries if pd.notna(e.row.get("general_delta", np.nan))]
+    benchmarks = list(dict.fromkeys(c[len("general_delta["):-1] for e in entries for c in e.row
+                                    if c.startswith("general_delta[") and pd.notna(e.row[c])))
+    header = ["Method", *(["Order"] if len(section.orders) > 1 else []), "Seeds", *benchmarks, "Mean Δ",
+              "Mean Δ 95 % CI", f"vs {REFERENCE_METHOD}"]
+    rows = []
+    for e in sorted(entries, key=lambda e: (_order_sort(e.order), -e.row["general_delta"])):
+        seeds = sum(pd.notna((r.get("general") or {}).get("delta_mean", np.nan)) for r in e.runs)
+        mark = next((m for m in str(e.row.get(f"vs_{REFERENCE_METHOD}") or "").split(" general ")[1:]), "")
+        rows.append([e.label, *([e.order] if len(section.orders) > 1 else []), seeds,
+                     *[_num(e.row.get(f"general_delta[{b}]", np.nan) * SCALE, "+.1f") for b in benchmarks],
+                     f"{e.row['general_delta'] * SCALE:+.1f}", _ci(e.row, "general_delta"),
+                     mark or ("—" if e.method == REFERENCE_METHOD else "")])
+    return _md_table(header, rows, ["---"] + ["---:"] * (len(header) - 1))
 
 
 def _num(value: Any, spec: str) -> str:
@@ -720,6 +742,11 @@ def write_report(paths: list[str | Path], out: str | Path, bwt_conventions: list
                    "over seeds (take speed ratios from `clbench bench`, which times all methods on the same "
                    "batches). OP order spread = max − min OP over the task orders that ran.", "",
                    cost_markdown(section), ""]
+            if has_general(section):
+                md += ["### General-ability retention", "",
+                       "lm-eval score after the last task minus before the first, per benchmark of the --general "
+                       "suite (×100, > 0 = gained); the mean Δ's interval and mark as above (examples paired "
+                       "between the two stages).", "", general_markdown(section), ""]
             md += ["### Figures", ""]
             md.append(link(plot_op_vs_params(section, colours, fig_dir / "op_vs_added_params.png"),
                            "OP vs parameters added after the last task (log x); up and left is better."))
