@@ -68,6 +68,13 @@ def test_tune_writes_a_study_from_eval_scores_and_repeats_with_the_seed(tmp_path
     assert [(t["params"], t["value"]) for t in first["trials"]] == [(t["params"], t["value"])
                                                                   for t in second["trials"]]
     assert first["best"] == second["best"]
+    # the current defaults ran once on the same protocol, outside the budget, and the study says what tuning gained
+    default = first["default"]
+    assert default["params"] == {"lr": 1e-3, "r": 8}  # lora.yaml's
+    default_metrics = json.loads((Path(default["run_dir"]) / "metrics.json").read_text())
+    assert default_metrics["score_split"] == "eval" and default["value"] == default_metrics["OP"]
+    assert default["best_minus_default"] == pytest.approx(first["best"]["value"] - default["value"])
+    assert Path(default["run_dir"]).name == "default" and len(first["trials"]) == 3
 
 
 def test_a_later_worker_joins_the_study_and_keeps_the_budget(tmp_path, sealed_benchmark):
@@ -79,6 +86,8 @@ def test_a_later_worker_joins_the_study_and_keeps_the_budget(tmp_path, sealed_be
     assert study["trials"][0]["params"] != study["trials"][1]["params"]
     again = tune.tune(tiny_tune(tmp_path / "s", sealed_benchmark, budget=2))
     assert len(again["trials"]) == 2  # budget reached: nothing more runs
+    off = tune.tune(tiny_tune(tmp_path / "off", sealed_benchmark, budget=1, default_run=False))
+    assert off["default"] is None and not (tmp_path / "off" / "default").exists()
 
 
 def test_unknown_knob_in_a_search_space_is_one_line_before_any_model_loads(tmp_path):

@@ -296,6 +296,9 @@ def tune(
                                                      "[default: 1]")] = None,
     out: Annotated[str | None, typer.Option(help="study folder [default: runs/studies/<bench>/<method>/...]")]
     = None,
+    default_run: Annotated[bool | None, typer.Option(
+        "--default-run/--no-default-run", help="also run the current default knobs once, outside the budget, so the "
+        "study says what tuning gained [default: on]")] = None,
     config: Annotated[str | None, typer.Option(help="YAML with the same keys (+ run:, method_config:)")] = None,
 ) -> None:
     """Choose METHOD's knobs with Optuna: OP on the eval split after a short protocol; writes <study>/study.json."""
@@ -305,7 +308,8 @@ def tune(
         cfg = tune_mod.load_tune_config(config, {
             "method": method, "benchmark": benchmark, "budget": budget, "num_tasks": num_tasks,
             "max_steps_per_task": max_steps_per_task, "order": order, "seed": seed, "model": model,
-            "data_dir": data_dir, "hardware": hardware, "space": space, "workers": workers, "out": out})
+            "data_dir": data_dir, "hardware": hardware, "space": space, "workers": workers, "out": out,
+            "default_run": default_run})
         study = tune_mod.tune(cfg, log=lambda line: typer.echo(line, err=True))
     except _user_errors() as err:
         fail(str(err))
@@ -316,6 +320,9 @@ def tune(
     best = study["best"]
     typer.echo(f"best of {study['finished_trials']} trials: #{best['number']} eval OP {best['value']:.4f}  "
                f"{study['set']}")
+    if (default := study.get("default")) and isinstance(default.get("value"), float):
+        typer.echo(f"current defaults: eval OP {default['value']:.4f} (best − defaults "
+                   f"{default['best_minus_default']:+.4f})")
     typer.echo(f"wrote {Path(cfg.study_dir()) / tune_mod.STUDY_FILE}", err=True)
 
 

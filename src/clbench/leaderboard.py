@@ -424,7 +424,7 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
                     "vs lora",
                     *(["OP order spread"] if spread else []), "added params", "step s", "infer ms/ex", "peak MB",
                     "flags"):
-            view.add_column(escape(col), no_wrap=col in ("method", "OP", "BWT", "FWT", *labels))
+            view.add_column(escape(col), no_wrap=col in ("method", "OP", "BWT", "FWT", "general Δ", *labels))
         for i, r in group.iterrows():
             method = f"{r['method']} @{r['setup']}" if bool(multi_setup.loc[i]) else str(r["method"])
             view.add_row(

@@ -10,6 +10,8 @@ Protocol (the defaults of :class:`TuneConfig`; the study file records the values
   (``score_split: eval``): test records are never read, not even for the data manifest;
 - objective: OP of that run (mean of R's last row, on eval), maximised by Optuna's TPE sampler seeded with ``seed``;
 - budget: ``budget`` finished trials per study, whatever the method (equal budgets make tuned methods comparable);
+- the method's current defaults: one more run of the same protocol into ``<study>/default/`` (not a trial: not
+  counted in the budget, not seen by the sampler), so the study says how much tuning moved eval OP;
 - storage: Optuna's journal file ``<study>/journal.log``; several workers (``--workers N`` here, or the same command
   started on other machines that see the folder, or a SLURM array) share the study through it.
 
@@ -65,6 +67,8 @@ class TuneConfig:
     method_config: dict[str, Any] = field(default_factory=dict)
     # worker processes started here (submitit local jobs, CPU threads split between them); 1 = this process
     workers: int = 1
+    # also run the method's current default knobs once on the same protocol (<study>/default/, outside the budget)
+    default_run: bool = True
 
     def __post_init__(self) -> None:
         for name in ("budget", "num_tasks", "workers"):
@@ -294,7 +298,43 @@ def run_worker(cfg: TuneConfig, threads: int | None = None, command: str | None 
     objective = objective_for(cfg, space)
     while len(_counted(study)) < cfg.budget:
         study.optimize(objective, n_trials=1)
+    if worker == 0:
+        run_default(cfg)
     write_study(cfg, study, space, command)
+
+
+DEFAULT_DIR = "default"
+
+
+def default_knobs(cfg: TuneConfig, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The searched knobs' values in the method's current default config (its YAML plus ``method_config``)."""
+    from clbench import registry
+
+    config = registry.get_method(cfg.method).default_config(dict(cfg.method_config))
+    return {knob: getattr(config, knob) for knob in space}
+
+
+def run_default(cfg: TuneConfig) -> Path | None:
+    """Run the method's current defaults once on the study's protocol into ``<study>/default/`` (a finished one is
+    kept; an interrupted one resumes), unless ``default_run`` is off. Not an Optuna trial: the budget is the same
+    for every method, and the sampler never sees this run."""
+    if not cfg.default_run:
+        return None
+    from clbench.harness import Harness
+
+    run_dir = cfg.study_dir() / DEFAULT_DIR
+    command = f"clbench tune (the current defaults of {cfg.study_dir()})"
+    return Path(Harness(trial_run_config(cfg, run_dir), dict(cfg.method_config), command=command).run())
+
+
+def _default_record(cfg: TuneConfig, space: dict[str, dict[str, Any]], best: Any) -> dict[str, Any] | None:
+    """study.json's ``default``: the current defaults' knobs, eval OP and run folder, and the best trial's gain."""
+    path = cfg.study_dir() / DEFAULT_DIR / "metrics.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("OP")
+    return {"params": default_knobs(cfg, space), "value": value, "run_dir": str(path.parent),
+            "best_minus_default": (best.value - value) if best is not None and isinstance(value, float) else None}
 
 
 def write_study(cfg: TuneConfig, study: Any, space: dict[str, dict[str, Any]], command: str | None = None) -> Path:
@@ -317,6 +357,7 @@ def write_study(cfg: TuneConfig, study: Any, space: dict[str, dict[str, Any]], c
         "trials": trials,
         "best": {"number": best.number, "value": best.value, "params": best.params} if best else None,
         "set": " ".join(f"--set {k}={v}" for k, v in best.params.items()) if best else None,
+        "default": _default_record(cfg, space, best),
         "command": command or " ".join(["clbench", *sys.argv[1:]]),
         "journal": JOURNAL, "versions": versions(), "git_commit": git_commit(),
     }
@@ -341,6 +382,7 @@ def tune(cfg: TuneConfig, command: str | None = None, log: Any = print) -> dict[
         log(f"{cfg.workers} workers share {cfg.study_dir() / JOURNAL} ({threads} threads each)")
         for job in jobs:
             job.result()
+        run_default(cfg)
         write_study(cfg, open_study(cfg), search_space(cfg), command)
     return json.loads((cfg.study_dir() / STUDY_FILE).read_text())
 
