@@ -213,7 +213,7 @@ def general_units(run: dict[str, Any]) -> list[intervals.GeneralUnit] | None:
     None when the run has no general delta, a stage lacks a benchmark's examples (runs from before they were
     stored), the two stages' examples differ in names or counts, or they do not reproduce ``delta_mean`` to 1e-6.
     """
-    from clbench.general import examples_value, unit_weights
+    from clbench.general import unit_weights
 
     general = run.get("general") or {}
     if not general.get("delta"):
@@ -223,18 +223,17 @@ def general_units(run: dict[str, Any]) -> list[intervals.GeneralUnit] | None:
         before, after = rows[0].get("examples") or {}, rows[max(rows)].get("examples") or {}
         names = list(general["benchmarks"])
         units: list[intervals.GeneralUnit] = []
-        total = 0.0
         for name in names:
             first, last = before[name], after[name]
             if first["weighting"] != last["weighting"] or {k: len(v) for k, v in first["units"].items()} != {
                     k: len(v) for k, v in last["units"].items()}:
                 return None
-            total += (examples_value(last) - examples_value(first)) / len(names)
             for unit, share in unit_weights(first).items():
                 delta = np.asarray(last["units"][unit], dtype=float) - np.asarray(first["units"][unit], dtype=float)
                 units.append(intervals.GeneralUnit(f"{name}/{unit}", share / len(names), delta))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    total = sum(u.weight * float(u.delta.mean()) for u in units)  # Σ_u c_u mean_k d_uk must be the run's delta
     if max(rows) == 0 or not np.isclose(total, float(general.get("delta_mean", np.nan)), rtol=0, atol=1e-6):
         return None
     return units
@@ -318,15 +317,16 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
         row["torch_threads"] = _distinct(group["torch_threads"])
         out.append(row)
         members = [runs[i] for i in group.index]
-        with_general = [r for r in members if not np.isnan(general_columns(r).get("general_delta", np.nan))]
+        deltas = [general_columns(r).get("general_delta", np.nan) for r in members]
+        with_general = [(r, d) for r, d in zip(members, deltas, strict=True) if not np.isnan(d)]
         interval_inputs.append(intervals.RowInput(
             key=json.dumps([str(v) for v in key]), section=tuple(row[k] for k in SECTION_KEYS), order=row["order"],
             method=str(row["method"]), tasks=list(members[0]["tasks"]),
             values={**{m: list(pd.to_numeric(group[m], errors="coerce")) for m in intervals.METRICS},
                     # the seeds that ran --general (the mean above is over them too)
-                    intervals.GENERAL: [general_columns(r)["general_delta"] for r in with_general]},
+                    intervals.GENERAL: [d for _, d in with_general]},
             examples=[example_matrices(r) for r in members],
-            general_units=[general_units(r) for r in with_general]))
+            general_units=[general_units(r) for r, _ in with_general]))
     for row, extra in zip(out, intervals.leaderboard_intervals(interval_inputs, REFERENCE_METHOD), strict=True):
         row.update(extra)
     table = pd.DataFrame(out)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clbench.intervals import GENERAL, NOTES
+from clbench.intervals import GENERAL, NOTES, difference_mark
 from clbench.leaderboard import (
     GROUP_KEYS,
     REFERENCE_METHOD,
@@ -638,7 +638,8 @@ def general_markdown(section: Section) -> str:
     rows = []
     for e in sorted(entries, key=lambda e: (_order_sort(e.order), -e.row["general_delta"])):
         seeds = sum(pd.notna((r.get("general") or {}).get("delta_mean", np.nan)) for r in e.runs)
-        mark = next((m for m in str(e.row.get(f"vs_{REFERENCE_METHOD}") or "").split(" general ")[1:]), "")
+        low, high = (e.row.get(f"{GENERAL}_vs_{REFERENCE_METHOD}_{k}", np.nan) for k in ("low", "high"))
+        mark = "" if e.method == REFERENCE_METHOD or pd.isna(low) and pd.isna(high) else difference_mark(low, high)
         rows.append([e.label, *([e.order] if len(section.orders) > 1 else []), seeds,
                      *[_num(e.row.get(f"general_delta[{b}]", np.nan) * SCALE, "+.1f") for b in benchmarks],
                      f"{e.row['general_delta'] * SCALE:+.1f}", _ci(e.row, "general_delta"),

@@ -381,8 +381,7 @@ def tune(cfg: TuneConfig, command: str | None = None, log: Any = print) -> dict[
         jobs = [executor.submit(run_worker, cfg, threads, command, i) for i in range(cfg.workers)]
         log(f"{cfg.workers} workers share {cfg.study_dir() / JOURNAL} ({threads} threads each)")
         for job in jobs:
-            job.result()
-        run_default(cfg)
+            job.result()  # worker 0 has run the current defaults (run_worker)
         write_study(cfg, open_study(cfg), search_space(cfg), command)
     return json.loads((cfg.study_dir() / STUDY_FILE).read_text())
 
