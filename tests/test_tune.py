@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from clbench import registry, tune
 from clbench.benchmark import Benchmark, Task, TaskSpec, load_trace_layout
+from clbench.config import ConfigError
 
 TUNED_HERE = sorted(registry.methods())  # every method, so none escapes the equal-budget protocol
 TINY_RUN = {"batch_size": 4, "eval_batch_size": 4, "precision": "32-true", "progress": False, "max_new_tokens": 3}
@@ -101,6 +102,20 @@ def test_unknown_knob_in_a_search_space_is_one_line_before_any_model_loads(tmp_p
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown knob 'lrr'" in lines[0] and "did you mean 'lr'" in lines[0], result.stderr
     assert not (tmp_path / "study").exists()
+
+
+def test_a_study_folder_refuses_another_protocol_or_an_edited_search_space(tmp_path):
+    """If this fails, rerunning `clbench tune` into a study folder after editing the method's search_space: (or an
+    option such as --max-steps-per-task) silently mixes trials of two spaces into one study and one best trial."""
+    narrow, wide = tmp_path / "narrow.yaml", tmp_path / "wide.yaml"
+    narrow.write_text("lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    wide.write_text("lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}\n")
+    tune.open_study(tiny_tune(tmp_path / "s", "trace-mini", space=str(narrow)))
+    tune.open_study(tiny_tune(tmp_path / "s", "trace-mini", space=str(narrow)))  # the same study joins
+    with pytest.raises(ConfigError, match=r"another search space \(lr: .*0\.01.* != .*0\.03.*pass another --out"):
+        tune.open_study(tiny_tune(tmp_path / "s", "trace-mini", space=str(wide)))
+    with pytest.raises(ConfigError, match=r"another protocol \(max_steps_per_task: 2 != 3\)"):
+        tune.open_study(tiny_tune(tmp_path / "s", "trace-mini", space=str(narrow), max_steps_per_task=3))
 
 
 @pytest.mark.parametrize("method", TUNED_HERE)

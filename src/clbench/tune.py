@@ -200,19 +200,20 @@ def _storage(study_dir: Path) -> Any:
 
 
 def open_study(cfg: TuneConfig, worker: int = 0) -> Any:
-    """Create or join the study of ``cfg`` (its folder keeps one protocol: joining with another is an error)."""
+    """Create or join the study of ``cfg``. Its folder keeps one protocol and one search space: joining with another
+    (a changed option, or a method YAML whose ``search_space:`` was edited since) is a one-line error, because
+    TPE would otherwise mix trials drawn from two spaces into one study and one best trial."""
     import optuna
 
     study_dir = cfg.study_dir()
     study_dir.mkdir(parents=True, exist_ok=True)
     protocol_file = study_dir / "protocol.json"
-    protocol = json.loads(json.dumps(cfg.protocol()))
+    protocol = json.loads(json.dumps(cfg.protocol() | {"search_space": search_space(cfg)}))
     if protocol_file.is_file():
         old = json.loads(protocol_file.read_text())
         if old != protocol:
-            diff = next(k for k in sorted(set(old) | set(protocol)) if old.get(k) != protocol.get(k))
-            raise ConfigError(f"{study_dir} holds a study with another protocol ({diff}: {old.get(diff)!r} != "
-                              f"{protocol.get(diff)!r}); pass another --out")
+            raise ConfigError(f"{study_dir} holds a study with another {_first_difference(old, protocol)}; "
+                              f"pass another --out")
     else:
         from clbench.results import atomic_write_json
 
@@ -225,6 +226,16 @@ def open_study(cfg: TuneConfig, worker: int = 0) -> Any:
     offset = 1000 * worker + len(study.get_trials(deepcopy=False))
     study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + offset)
     return study
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``protocol (key: old != new)`` or ``search space (knob: old != new)``, for the first key that differs."""
+    key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    if key == "search_space" and isinstance(old.get(key), dict):
+        before, after = old[key], new[key]
+        knob = next(k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k))
+        return f"search space ({knob}: {before.get(knob)!r} != {after.get(knob)!r})"
+    return f"protocol ({key}: {old.get(key)!r} != {new.get(key)!r})"
 
 
 def _pid_alive(pid: int) -> bool:
