@@ -326,6 +326,38 @@ def tune(
     typer.echo(f"wrote {Path(cfg.study_dir()) / tune_mod.STUDY_FILE}", err=True)
 
 
+@app.command()
+def studies(
+    root: Annotated[str, typer.Argument(help="folder of study folders, or one study folder")]
+    = "results/studies/tune",
+    out: Annotated[str | None, typer.Option(help="also write the table as markdown here (make results writes "
+                                                 "results/studies/tune/studies.md)")] = None,
+) -> None:
+    """Summarise tuning studies: trials, time per trial, best vs current defaults' eval OP, whether adopted."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from clbench.studies import load_studies, studies_markdown, study_row
+
+    try:
+        rows = [study_row(folder, study) for folder, study in load_studies(root)]
+    except _user_errors() as err:
+        fail(str(err))
+    table = Table(title=f"tuning studies in {root} (eval OP on each study's short protocol)")
+    for column in ("study", "method", "trials", "min/trial", "best eval OP", "defaults", "best − defaults",
+                   "YAML defaults = best"):
+        table.add_column(column, no_wrap=column in ("study", "method"))
+    for r in rows:
+        table.add_row(r.study, r.method, r.trials, f"{r.minutes_per_trial:.1f}", f"{r.best_op:.3f} (#{r.best_trial})",
+                      f"{r.default_op:.3f}", f"{r.gain:+.3f}", r.adopted)
+    Console().print(table)
+    if out:
+        from clbench.results import atomic_write_text
+
+        atomic_write_text(Path(out), studies_markdown(rows))
+        typer.echo(f"wrote {out}", err=True)
+
+
 def main() -> None:
     """Entry point of the ``clbench`` script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
