@@ -11,6 +11,7 @@ import yaml
 from conftest import run_cli
 
 from clbench import sweep
+from clbench.config import ConfigError
 
 TINY = {"num_tasks": 2, "max_steps_per_task": 2, "batch_size": 4, "eval_batch_size": 4, "precision": "32-true",
         "progress": False, "max_new_tokens": 3}
@@ -98,9 +99,28 @@ def test_committed_results_grid_holds_the_reference_cells():
     # mbpa's per-example local adaptation is weeks of CPU per run (the grid file says why): left to GPU users
     expected = [(m, "default", 1, s) for m in built_in if m != "mbpa" for s in (0, 1, 2)]
     expected += [(m, "default", 1, s) for m in ("lora", "seqft", "moses") for s in (3, 4)]
+    # issue 18's MoSEs ablations beside the tuned default, and for MoSEs only
+    expected += [("moses", k, 1, s) for k in ("sparse-routing", "no-prompts") for s in (0, 1, 2)]
     assert sorted(cells) == sorted(expected)
+    assert sweep.knob_sets(grid)["sparse-routing"] == {"experts_per_input": 2}
     assert grid.results_dir == "results/runs" and grid.model == "bundled" and grid.executor == "local"
     assert grid.run.get("general") == "general-mini"  # every committed row gets its general-ability delta
+
+
+def test_an_also_part_can_define_knob_sets_for_its_methods_only(tmp_path):
+    """If this fails, a grid cannot hold one method's ablations (a knob set under knob_sets applies to every
+    method, and lora has no prompt_length), or two parts can give one knob-set name two meanings."""
+    path = tmp_path / "grid.yaml"
+    path.write_text("methods: [lora, moses]\nseeds: [0]\n"
+                    "also:\n  - {methods: [moses], knob_sets: {no-prompts: {prompt_length: 0}}}\n")
+    grid = sweep.load_grid(path)
+    assert sorted(sweep._products(grid)) == [("lora", "default", 1, 0), ("moses", "default", 1, 0),
+                                             ("moses", "no-prompts", 1, 0)]
+    assert sweep.knob_sets(grid)["no-prompts"] == {"prompt_length": 0}
+    path.write_text("methods: [moses]\nknob_sets: {default: {}, short: {prompt_length: 4}}\n"
+                    "also:\n  - {knob_sets: {short: {prompt_length: 8}}}\n")
+    with pytest.raises(ConfigError, match="redefines knob set 'short'"):
+        sweep._products(sweep.load_grid(path))
 
 
 @pytest.mark.parametrize(("text", "message"), [

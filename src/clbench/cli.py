@@ -344,7 +344,7 @@ def studies(
     except _user_errors() as err:
         fail(str(err))
     table = Table(title=f"tuning studies in {root} (eval OP on each study's short protocol)")
-    for column in ("study", "method", "trials", "min/trial", "best eval OP", "defaults", "best − defaults",
+    for column in ("study", "method", "trials", "min/trial", "best eval OP", "defaults then", "best − those",
                    "YAML defaults = best"):
         table.add_column(column, no_wrap=column in ("study", "method"))
     for r in rows:

@@ -89,8 +89,8 @@ def studies_markdown(rows: list[StudyRow]) -> str:
     def num(value: float, spec: str) -> str:
         return "–" if math.isnan(value) else format(value, spec)
 
-    lines = ["| study | method | trials | min/trial | best eval OP (trial) | defaults' eval OP | best − defaults "
-             "| YAML defaults = best |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| study | method | trials | min/trial | best eval OP (trial) | study-time defaults' eval OP "
+             "| best − those | YAML defaults = best |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.study} | {r.method} | {r.trials} | {num(r.minutes_per_trial, '.1f')} | "
                      f"{r.best_op:.3f} (#{r.best_trial}) | {num(r.default_op, '.3f')} | {num(r.gain, '+.3f')} | "

@@ -138,15 +138,28 @@ def load_grid(path: str | Path) -> GridConfig:
     return grid
 
 
+def knob_sets(grid: GridConfig) -> dict[str, dict[str, Any]]:
+    """Every named knob set: the grid's ``knob_sets`` plus those an ``also`` part defines inline (a mapping instead
+    of a list of names, e.g. ablations of one method); one name cannot mean two different sets."""
+    sets = dict(grid.knob_sets)
+    for i, part in enumerate(grid.also):
+        for name, knobs in (part.get("knob_sets") if isinstance(part.get("knob_sets"), dict) else {}).items():
+            if name in sets and sets[name] != knobs:
+                raise ConfigError(f"grid: also[{i}] redefines knob set '{name}' ({knobs} != {sets[name]})")
+            sets[name] = knobs
+    return sets
+
+
 def _products(grid: GridConfig) -> list[tuple[str, str, int, int]]:
+    defined = knob_sets(grid)
     main = {"methods": grid.methods, "seeds": grid.seeds, "orders": grid.orders, "knob_sets": list(grid.knob_sets)}
     out: list[tuple[str, str, int, int]] = []
     for part in [main, *({**main, **extra} for extra in grid.also)]:
-        sets = part["knob_sets"]
+        sets = list(part["knob_sets"])  # names, or the names of an inline mapping
         for name in sets:
-            if name not in grid.knob_sets:
+            if name not in defined:
                 raise ConfigError(f"grid: knob set '{name}' is not defined under knob_sets")
-        for cell in itertools.product(part["methods"], list(sets), part["orders"], part["seeds"]):
+        for cell in itertools.product(part["methods"], sets, part["orders"], part["seeds"]):
             if cell not in out:
                 out.append(cell)
     return out
@@ -161,11 +174,12 @@ def plan(grid: GridConfig) -> list[Cell]:
 
     cells: list[Cell] = []
     seen: dict[Path, Cell] = {}
+    sets = knob_sets(grid)
     for method, knobs, order, seed in _products(grid):
         overrides = {**grid.run, "method": method, "benchmark": grid.benchmark, "model": grid.model,
                      "order": order, "seed": seed, "results_dir": grid.results_dir}
         cfg, _ = load_run_config(None, overrides, hardware=grid.hardware)
-        method_cfg = {**grid.method_config.get(method, {}), **grid.knob_sets[knobs]}
+        method_cfg = {**grid.method_config.get(method, {}), **sets[knobs]}
         harness = Harness(cfg, method_cfg)  # validates method, knobs, strategy and data, without the model
         label = f"{method}[{knobs}] order{order} seed{seed}"
         if harness.run_dir in seen:
