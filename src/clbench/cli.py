@@ -337,19 +337,17 @@ def studies(
     from rich.console import Console
     from rich.table import Table
 
-    from clbench.studies import load_studies, studies_markdown, study_row
+    from clbench.studies import COLUMNS, load_studies, row_cells, studies_markdown, study_row
 
     try:
         rows = [study_row(folder, study) for folder, study in load_studies(root)]
     except _user_errors() as err:
         fail(str(err))
     table = Table(title=f"tuning studies in {root} (eval OP on each study's short protocol)")
-    for column in ("study", "method", "trials", "min/trial", "best eval OP", "defaults then", "best − those",
-                   "YAML defaults = best"):
+    for column in COLUMNS:
         table.add_column(column, no_wrap=column in ("study", "method"))
     for r in rows:
-        table.add_row(r.study, r.method, r.trials, f"{r.minutes_per_trial:.1f}", f"{r.best_op:.3f} (#{r.best_trial})",
-                      f"{r.default_op:.3f}", f"{r.gain:+.3f}", r.adopted)
+        table.add_row(*row_cells(r))
     Console().print(table)
     if out:
         from clbench.results import atomic_write_text

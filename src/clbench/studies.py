@@ -84,15 +84,21 @@ def study_row(folder: Path, study: dict[str, Any]) -> StudyRow:
                     gain=best["value"] - default_op, adopted=adopted(study))
 
 
-def studies_markdown(rows: list[StudyRow]) -> str:
-    """The rows as a markdown table (eval OP on each study's short protocol; NaN shows as ``–``)."""
+COLUMNS = ("study", "method", "trials", "min/trial", "best eval OP (trial)", "study-time defaults' eval OP",
+           "best − those", "YAML defaults = best")
+
+
+def row_cells(r: StudyRow) -> list[str]:
+    """One row's cells, in ``COLUMNS`` order, as the terminal table and the markdown show them (NaN as ``–``)."""
     def num(value: float, spec: str) -> str:
         return "–" if math.isnan(value) else format(value, spec)
 
-    lines = ["| study | method | trials | min/trial | best eval OP (trial) | study-time defaults' eval OP "
-             "| best − those | YAML defaults = best |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.study} | {r.method} | {r.trials} | {num(r.minutes_per_trial, '.1f')} | "
-                     f"{r.best_op:.3f} (#{r.best_trial}) | {num(r.default_op, '.3f')} | {num(r.gain, '+.3f')} | "
-                     f"{r.adopted} |")
+    return [r.study, r.method, r.trials, num(r.minutes_per_trial, ".1f"), f"{r.best_op:.3f} (#{r.best_trial})",
+            num(r.default_op, ".3f"), num(r.gain, "+.3f"), r.adopted]
+
+
+def studies_markdown(rows: list[StudyRow]) -> str:
+    """The rows as a markdown table (eval OP on each study's short protocol)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"

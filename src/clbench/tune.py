@@ -199,7 +199,7 @@ def _storage(study_dir: Path) -> Any:
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def open_study(cfg: TuneConfig, worker: int = 0) -> Any:
+def open_study(cfg: TuneConfig, worker: int = 0, space: dict[str, dict[str, Any]] | None = None) -> Any:
     """Create or join the study of ``cfg``. Its folder keeps one protocol and one search space: joining with another
     (a changed option, or a method YAML whose ``search_space:`` was edited since) is a one-line error, because
     TPE would otherwise mix trials drawn from two spaces into one study and one best trial."""
@@ -208,7 +208,8 @@ def open_study(cfg: TuneConfig, worker: int = 0) -> Any:
     study_dir = cfg.study_dir()
     study_dir.mkdir(parents=True, exist_ok=True)
     protocol_file = study_dir / "protocol.json"
-    protocol = json.loads(json.dumps(cfg.protocol() | {"search_space": search_space(cfg)}))
+    space = search_space(cfg) if space is None else space  # callers that checked it already pass it
+    protocol = json.loads(json.dumps(cfg.protocol() | {"search_space": space}))
     if protocol_file.is_file():
         old = json.loads(protocol_file.read_text())
         if old != protocol:
@@ -304,7 +305,7 @@ def run_worker(cfg: TuneConfig, threads: int | None = None, command: str | None 
     space = search_space(cfg)
     # workers of a SLURM array (docs/sweep.md) are told apart by their array index
     worker = worker or int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
-    study = open_study(cfg, worker)
+    study = open_study(cfg, worker, space)
     _fail_dead_trials(study)
     objective = objective_for(cfg, space)
     while len(_counted(study)) < cfg.budget:
@@ -393,7 +394,8 @@ def tune(cfg: TuneConfig, command: str | None = None, log: Any = print) -> dict[
         log(f"{cfg.workers} workers share {cfg.study_dir() / JOURNAL} ({threads} threads each)")
         for job in jobs:
             job.result()  # worker 0 has run the current defaults (run_worker)
-        write_study(cfg, open_study(cfg), search_space(cfg), command)
+        space = search_space(cfg)
+        write_study(cfg, open_study(cfg, space=space), space, command)
     return json.loads((cfg.study_dir() / STUDY_FILE).read_text())
 
 
