@@ -30,6 +30,7 @@ results: $(STAMP)
 	$(BIN)/clbench leaderboard results/runs --out results/leaderboard.csv
 	$(BIN)/clbench report results/runs --out results/report
 	$(BIN)/clbench studies results/studies/tune --out results/studies/tune/studies.md
+	$(BIN)/clbench gap results/runs --method moses --out results/gap-moses.md
 	$(BIN)/python scripts/readme_results.py --report results/report/report.md --readme README.md
 
 # docs/strategies.md: which method runs under which strategy, written from the outcomes of the DDP tests

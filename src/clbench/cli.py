@@ -158,6 +158,49 @@ def compare(
 
 
 @app.command()
+def gap(
+    runs: Annotated[list[str] | None, typer.Argument(help="run folders or folders holding them (default runs; the "
+                                                          "committed reference runs: results/runs)")] = None,
+    method: Annotated[str, typer.Option(help="the method whose gap is explained")] = "moses",
+    against: Annotated[list[str] | None, typer.Option(help="reference method (repeatable) [default: per-task-lora, "
+                                                          "replay]")] = None,
+    out: Annotated[str | None, typer.Option(help="also write the tables as markdown here")] = None,
+) -> None:
+    """Where METHOD's distance to the references comes from, per task: learned less (R[j, j]) or kept less (R[T, j]),
+    with its task-id accuracy where it reports one."""
+    import pandas as pd
+    from rich import box
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from clbench.gap import COLUMNS, gap_markdown, gap_table
+    from clbench.leaderboard import load_runs, one_line_warnings
+
+    try:
+        with one_line_warnings():
+            table = gap_table(load_runs(runs or ["runs"]), method, against)
+    except ConfigError as err:
+        fail(str(err))
+    shown = [c for c in COLUMNS if c not in ("section", "seeds")]
+    for (method_label, ref, order), part in table.groupby(["method", "reference", "order"], sort=False):
+        rich_table = Table(title=f"{method_label} vs {ref}, order {order} (×100; Δ = method − reference; later = "
+                                 "the part of the final Δ that opened after the task was learned; id = task-id "
+                                 "accuracy)", box=box.SIMPLE_HEAD)
+        rich_table.add_column("task", no_wrap=True)
+        for header in ("R[j,j]", "ref", "Δ", "R[T,j]", "ref", "Δ", "later", "id"):
+            rich_table.add_column(escape(header), justify="right", min_width=len(header))
+        for _, r in part.iterrows():
+            rich_table.add_row(str(r["task"]), *("–" if pd.isna(r[c]) else f"{r[c] * 100:.1f}" for c in shown[4:]))
+        Console().print(rich_table)
+    if out:
+        from clbench.results import atomic_write_text
+
+        atomic_write_text(Path(out), gap_markdown(table))
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
 def score(
     predictions: Annotated[str, typer.Argument(help="JSON list of {prompt, answer, prediction}")],
     benchmark: Annotated[str, typer.Option()] = "trace",
