@@ -56,3 +56,23 @@ def test_a_folder_without_studies_is_one_line(tmp_path):
     result = run_cli("studies", str(tmp_path), timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "not a readable study file" in result.stderr
+
+
+def test_the_trials_table_lists_finished_trials_best_first_with_their_knobs(tmp_path):
+    """If this fails, a study README built from `clbench studies --trials` misorders trials, shows a failed trial as a
+    result, or writes knob values other than the 2-significant-digit ones the adopted YAML holds."""
+    from clbench.studies import format_knob, trials_markdown
+
+    study = {"method": "lora", "budget": 3, "search_space": {"lr": {}, "r": {}},
+             "trials": [{"number": 0, "state": "COMPLETE", "params": {"lr": 0.00125, "r": 4}, "value": 0.5,
+                         "wall_time_s": 60.0},
+                        {"number": 1, "state": "FAIL", "params": {"lr": 0.1, "r": 8}, "value": None},
+                        {"number": 2, "state": "COMPLETE", "params": {"lr": 0.25, "r": 16}, "value": 0.7,
+                         "wall_time_s": 90.0}],
+             "best": {"number": 2, "value": 0.7, "params": {"lr": 0.25, "r": 16}},
+             "default": {"params": {"lr": 0.001, "r": 8}, "value": 0.45}}
+    lines = trials_markdown(study).splitlines()
+    assert lines[0] == "| trial | eval OP | lr | r | minutes |"
+    assert lines[2:] == ["| 2 (best) | 0.700 | 0.25 | 16 | 1.5 |", "| 0 | 0.500 | 1.3e-3 | 4 | 1.0 |",
+                         "| defaults at study time (`default/`) | 0.450 | 1.0e-3 | 8 | – |"]
+    assert [format_knob(v) for v in (6.5e-3, 32, 0.0, 12.3, 3.0e-5)] == ["6.5e-3", "32", "0", "12", "3.0e-5"]

@@ -375,14 +375,25 @@ def studies(
     = "results/studies/tune",
     out: Annotated[str | None, typer.Option(help="also write the table as markdown here (make results writes "
                                                  "results/studies/tune/studies.md)")] = None,
+    trials: Annotated[bool, typer.Option(help="instead, every finished trial of each study, best first, with its "
+                                              "knobs (the table a study README shows)")] = False,
 ) -> None:
     """Summarise tuning studies: trials, time per trial, best vs current defaults' eval OP, whether adopted."""
     from rich.console import Console
     from rich.table import Table
 
-    from clbench.studies import COLUMNS, load_studies, row_cells, studies_markdown, study_row
+    from clbench.studies import COLUMNS, load_studies, row_cells, studies_markdown, study_row, trials_markdown
 
     try:
+        if trials:
+            text = "\n".join(f"## {folder.name}\n\n{trials_markdown(study)}" for folder, study in load_studies(root))
+            typer.echo(text)
+            if out:
+                from clbench.results import atomic_write_text
+
+                atomic_write_text(Path(out), text)
+                typer.echo(f"wrote {out}", err=True)
+            return
         rows = [study_row(folder, study) for folder, study in load_studies(root)]
     except _user_errors() as err:
         fail(str(err))

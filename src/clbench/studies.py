@@ -102,3 +102,37 @@ def studies_markdown(rows: list[StudyRow]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def format_knob(value: Any) -> str:
+    """A knob value as the study READMEs write it: floats to 2 significant digits (``1.3e-3``, ``0.25``, ``32``)."""
+    if isinstance(value, float):
+        if value != 0 and not 0.01 <= abs(value) < 1000:
+            mantissa, exponent = f"{value:.1e}".split("e")
+            return f"{mantissa}e{int(exponent)}"
+        return f"{value:.2g}"
+    return str(value)
+
+
+def trials_markdown(study: dict[str, Any]) -> str:
+    """Every finished trial of one study, best eval OP first, then the study-time defaults' row (markdown).
+
+    Failed or pruned trials are left out (the journal keeps them); ties keep trial order."""
+    knobs = list(study.get("search_space") or (study["best"]["params"]))
+    complete = [t for t in study.get("trials", []) if t.get("state") == "COMPLETE"]
+    complete.sort(key=lambda t: (-t["value"], t["number"]))
+    header = ["trial", "eval OP", *knobs, "minutes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = study["best"]["number"]
+    for t in complete:
+        label = f"{t['number']} (best)" if t["number"] == best else str(t["number"])
+        minutes = t["wall_time_s"] / 60 if isinstance(t.get("wall_time_s"), int | float) else math.nan
+        cells = [label, f"{t['value']:.3f}", *(format_knob(t["params"].get(k, "–")) for k in knobs),
+                 "–" if math.isnan(minutes) else f"{minutes:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    default = study.get("default") or {}
+    if isinstance(default.get("value"), float):
+        cells = ["defaults at study time (`default/`)", f"{default['value']:.3f}",
+                 *(format_knob(default.get("params", {}).get(k, "–")) for k in knobs), "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
