@@ -3,7 +3,7 @@
 Writes ``<out>/<task>.{test,train}.json`` (JSON lists of records; ``train`` holds the few-shot examples only).
 Standard library only, no side effects on import; the same seed gives byte-identical files::
 
-    python -m clbench.benchmarks.general_mini.generate [--test 24] [--train 4] [--seed 0] [--out DIR]
+    python -m clbench.benchmarks.general_mini.generate [--test 100] [--train 4] [--seed 0] [--out DIR]
 
 Tasks (lm-eval task names in the YAMLs beside this file):
 
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "data"
-DEFAULT_SIZES = {"test": 24, "train": 4}
+DEFAULT_SIZES = {"test": 100, "train": 4}
 
 # (goal, sensible solution, absurd solution): the absurd one is fluent but physically wrong
 PIQA_FACTS = [
@@ -45,12 +45,39 @@ PIQA_FACTS = [
     ("tighten a loose screw", "turn it with a screwdriver", "tap it with a feather"),
     ("boil an egg", "put it in boiling water", "put it in the freezer"),
     ("keep a plant alive", "water it every few days", "keep it in a dark box"),
+    ("wake up on time", "set an alarm clock", "hide the clock under the bed"),
+    ("keep your feet dry in the rain", "wear rubber boots", "wear thin paper slippers"),
+    ("fix a flat bicycle tyre", "patch the hole and pump it up", "paint the tyre a new colour"),
+    ("make toast", "put bread in a toaster", "put bread in a glass of water"),
+    ("find your way in a new city", "look at a map", "close your eyes and walk"),
+    ("wash a dirty shirt", "put it in the washing machine with soap", "rub it with mud"),
+    ("protect your skin from the sun", "put on sunscreen", "rub butter on your face"),
+    ("stay warm in winter", "wear a thick coat", "wear a wet swimsuit"),
+    ("keep ice cream frozen", "keep it in the freezer", "leave it on a sunny windowsill"),
+    ("water a tall tree", "use a garden hose", "use a small spoon"),
+    ("see better in the dark", "use a flashlight", "turn off every light"),
+    ("send a letter", "put a stamp on it and post it", "throw it into a river"),
+    ("cook rice", "simmer it in water", "soak it in cold oil"),
+    ("remove a stain from a carpet", "blot it with soapy water", "pour coffee on it"),
+    ("measure the length of a table", "use a tape measure", "use a bowl of soup"),
+    ("keep bread fresh", "seal it in a bag", "leave it open in the rain"),
+    ("put out a small candle", "blow it out gently", "pour petrol on it"),
+    ("get a cat down from a low shelf", "lift it down gently", "shout at the shelf"),
+    ("carry many books", "pack them in a sturdy box", "balance them on a balloon"),
+    ("check if a pan is hot", "hold your hand above it", "lick the pan"),
+    ("mix flour and eggs", "stir them with a whisk", "stir them with a candle"),
+    ("dry wet clothes", "hang them on a line in the sun", "fold them in a damp drawer"),
+    ("make tea", "pour hot water over a tea bag", "pour sand over a tea bag"),
+    ("unclog a sink", "use a plunger", "pour glue into it"),
+    ("paint a fence", "brush paint onto the boards", "spray the boards with milk"),
+    ("write a note", "use a pen and paper", "use a fork and a plate"),
 ]
 PIQA_OPENERS = ["To {goal}, you should", "If you want to {goal}, the best way is to", "How do you {goal}? You"]
 
 BOOLQ_THINGS = [("an elephant", "a mouse"), ("a mountain", "a hill"), ("the sun", "the moon"), ("a truck", "a bicycle"),
                 ("a whale", "a fish"), ("an ocean", "a pond"), ("a city", "a village"), ("a tree", "a flower"),
-                ("a house", "a tent"), ("a river", "a stream")]
+                ("a house", "a tent"), ("a river", "a stream"), ("a horse", "a dog"), ("a castle", "a cottage"),
+                ("a lake", "a puddle"), ("a giraffe", "a rabbit")]
 BOOLQ_RELATIONS = [("bigger", "smaller"), ("heavier", "lighter"), ("older", "younger")]
 
 ARITH_ITEMS = ["apples", "books", "pencils", "stamps", "marbles", "cookies", "shells", "cards"]
