@@ -71,7 +71,10 @@ def test_tune_writes_a_study_from_eval_scores_and_repeats_with_the_seed(tmp_path
     assert first["best"] == second["best"]
     # the current defaults ran once on the same protocol, outside the budget, and the study says what tuning gained
     default = first["default"]
-    assert default["params"] == {"lr": 1e-3, "r": 8}  # lora.yaml's
+    from clbench import registry
+
+    config = registry.get_method("lora").default_config({})
+    assert default["params"] == {"lr": config.lr, "r": config.r}  # lora.yaml's
     default_metrics = json.loads((Path(default["run_dir"]) / "metrics.json").read_text())
     assert default_metrics["score_split"] == "eval" and default["value"] == default_metrics["OP"]
     assert default["best_minus_default"] == pytest.approx(first["best"]["value"] - default["value"])
