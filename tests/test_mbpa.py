@@ -139,7 +139,7 @@ def test_local_steps_zero_predicts_exactly_what_the_adapter_does():
     tasks = _tasks()
     method = _method(local_steps=0, dropout=0.0)
     fit_task(method, 0, tasks[0])
-    lora = _method("lora", dropout=0.0)
+    lora = _method("lora", dropout=0.0, r=method.cfg.r)  # the same adapter shape as mbpa's
     lora.begin_task(0, tasks[0])
     with torch.no_grad():
         for name, p in lora.model.named_parameters():
