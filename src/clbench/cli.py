@@ -168,13 +168,12 @@ def gap(
 ) -> None:
     """Where METHOD's distance to the references comes from, per task: learned less (R[j, j]) or kept less (R[T, j]),
     with its task-id accuracy where it reports one."""
-    import pandas as pd
     from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from clbench.gap import COLUMNS, gap_markdown, gap_table
+    from clbench.gap import SCORE_COLUMNS, format_score, gap_markdown, gap_table
     from clbench.leaderboard import load_runs, one_line_warnings
 
     try:
@@ -182,16 +181,16 @@ def gap(
             table = gap_table(load_runs(runs or ["runs"]), method, against)
     except ConfigError as err:
         fail(str(err))
-    shown = [c for c in COLUMNS if c not in ("section", "seeds")]
     for (method_label, ref, order), part in table.groupby(["method", "reference", "order"], sort=False):
         rich_table = Table(title=f"{method_label} vs {ref}, order {order} (×100; Δ = method − reference; later = "
                                  "the part of the final Δ that opened after the task was learned; id = task-id "
                                  "accuracy)", box=box.SIMPLE_HEAD)
         rich_table.add_column("task", no_wrap=True)
+        # shorter headers than the markdown's: the terminal table has to fit 80 columns
         for header in ("R[j,j]", "ref", "Δ", "R[T,j]", "ref", "Δ", "later", "id"):
             rich_table.add_column(escape(header), justify="right", min_width=len(header))
         for _, r in part.iterrows():
-            rich_table.add_row(str(r["task"]), *("–" if pd.isna(r[c]) else f"{r[c] * 100:.1f}" for c in shown[4:]))
+            rich_table.add_row(str(r["task"]), *(format_score(c, r[c]) for c in SCORE_COLUMNS))
         Console().print(rich_table)
     if out:
         from clbench.results import atomic_write_text
@@ -385,28 +384,25 @@ def studies(
     from clbench.studies import COLUMNS, load_studies, row_cells, studies_markdown, study_row, trials_markdown
 
     try:
-        if trials:
-            text = "\n".join(f"## {folder.name}\n\n{trials_markdown(study)}" for folder, study in load_studies(root))
-            typer.echo(text)
-            if out:
-                from clbench.results import atomic_write_text
-
-                atomic_write_text(Path(out), text)
-                typer.echo(f"wrote {out}", err=True)
-            return
-        rows = [study_row(folder, study) for folder, study in load_studies(root)]
+        found = load_studies(root)
+        rows = [] if trials else [study_row(folder, study) for folder, study in found]
+        markdown = ("\n".join(f"## {folder.name}\n\n{trials_markdown(study)}" for folder, study in found) if trials
+                    else studies_markdown(rows))
     except _user_errors() as err:
         fail(str(err))
-    table = Table(title=f"tuning studies in {root} (eval OP on each study's short protocol)")
-    for column in COLUMNS:
-        table.add_column(column, no_wrap=column in ("study", "method"))
-    for r in rows:
-        table.add_row(*row_cells(r))
-    Console().print(table)
+    if trials:
+        typer.echo(markdown)
+    else:
+        table = Table(title=f"tuning studies in {root} (eval OP on each study's short protocol)")
+        for column in COLUMNS:
+            table.add_column(column, no_wrap=column in ("study", "method"))
+        for r in rows:
+            table.add_row(*row_cells(r))
+        Console().print(table)
     if out:
         from clbench.results import atomic_write_text
 
-        atomic_write_text(Path(out), studies_markdown(rows))
+        atomic_write_text(Path(out), markdown)
         typer.echo(f"wrote {out}", err=True)
 
 

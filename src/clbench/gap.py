@@ -25,11 +25,13 @@ import numpy as np
 import pandas as pd
 
 from clbench.config import ConfigError
-from clbench.report import Entry, Section, build_sections
+from clbench.report import Entry, Section, build_sections, md_table
 
 DEFAULT_REFERENCES = ("per-task-lora", "replay")
-COLUMNS = ["section", "order", "method", "reference", "seeds", "task", "learned", "learned_ref", "d_learned",
-           "final", "final_ref", "d_final", "d_forgetting", "task_id"]
+# the per-task numbers (fractions; shown ×100), in the order every table prints them
+SCORE_COLUMNS = ["learned", "learned_ref", "d_learned", "final", "final_ref", "d_final", "d_forgetting", "task_id"]
+SCORE_HEADERS = ["learned", "ref", "Δ", "final", "ref", "Δ", "Δ later", "task-id"]
+COLUMNS = ["section", "order", "method", "reference", "seeds", "task", *SCORE_COLUMNS]
 TASK_ID_FILE = "task_id_accuracy.csv"  # written by the harness for a method that reports task_id_accuracy
 
 
@@ -90,10 +92,11 @@ def gap_table(runs: list[dict[str, Any]], method: str, references: list[str] | N
     return pd.concat(frames, ignore_index=True)
 
 
-def _pct(value: Any, signed: bool = False) -> str:
+def format_score(column: str, value: Any) -> str:
+    """A per-task number ×100 to one decimal, signed for the differences (``d_*``); ``–`` when missing."""
     if value is None or pd.isna(value):
         return "–"
-    return f"{value * 100:+.1f}" if signed else f"{value * 100:.1f}"
+    return f"{value * 100:+.1f}" if column.startswith("d_") else f"{value * 100:.1f}"
 
 
 def gap_markdown(table: pd.DataFrame) -> str:
@@ -105,13 +108,8 @@ def gap_markdown(table: pd.DataFrame) -> str:
           "task's own experts after the last task. The mean row's Δ final is the OP difference.", ""]
     for (section, order, method, ref, seeds), part in table.groupby(
             ["section", "order", "method", "reference", "seeds"], sort=False):
+        rows = [[f"**{r['task']}**" if r["task"] == "mean" else r["task"],
+                 *(format_score(c, r[c]) for c in SCORE_COLUMNS)] for _, r in part.iterrows()]
         md += [f"## {method} vs {ref} · order {order} · seeds {seeds}", "", f"{section}", "",
-               "| task | learned | ref | Δ | final | ref | Δ | Δ later | task-id |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for _, r in part.iterrows():
-            name = f"**{r['task']}**" if r["task"] == "mean" else r["task"]
-            md.append(f"| {name} | {_pct(r['learned'])} | {_pct(r['learned_ref'])} | {_pct(r['d_learned'], True)} | "
-                      f"{_pct(r['final'])} | {_pct(r['final_ref'])} | {_pct(r['d_final'], True)} | "
-                      f"{_pct(r['d_forgetting'], True)} | {_pct(r['task_id'])} |")
-        md.append("")
+               md_table(["task", *SCORE_HEADERS], rows, ["---"] + ["---:"] * len(SCORE_COLUMNS)), ""]
     return "\n".join(md)

@@ -553,7 +553,8 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: list[str], rows: list[list[Any]], align: list[str] | None = None) -> str:
+def md_table(header: list[str], rows: list[list[Any]], align: list[str] | None = None) -> str:
+    """A markdown table (cells with ``|`` or newlines escaped); ``align``: one ``---`` / ``---:`` per column."""
     align = align or ["---"] * len(header)
     lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
@@ -623,7 +624,7 @@ def leaderboard_markdown(section: Section, conventions: list[str]) -> str:
                      *[_ci(e.row, m) for m in ("OP", "BWT", "FWT")],
                      e.row.get(f"vs_{REFERENCE_METHOD}") or ("—" if e.method == REFERENCE_METHOD else "")])
     align = ["---"] + ["---:"] * (len(header) - 1)
-    return _md_table(header, rows, align)
+    return md_table(header, rows, align)
 
 
 def general_markdown(section: Section) -> str:
@@ -644,7 +645,7 @@ def general_markdown(section: Section) -> str:
                      *[_num(e.row.get(f"general_delta[{b}]", np.nan) * SCALE, "+.1f") for b in benchmarks],
                      f"{e.row['general_delta'] * SCALE:+.1f}", _ci(e.row, "general_delta"),
                      mark or ("—" if e.method == REFERENCE_METHOD else "")])
-    return _md_table(header, rows, ["---"] + ["---:"] * (len(header) - 1))
+    return md_table(header, rows, ["---"] + ["---:"] * (len(header) - 1))
 
 
 def _num(value: Any, spec: str) -> str:
@@ -662,7 +663,7 @@ def cost_markdown(section: Section) -> str:
              _num(e.row.get("OP_order_spread") * SCALE if pd.notna(e.row.get("OP_order_spread")) else None, ".1f"),
              _num(e.row.get("train_wall_time_s"), ".1f"), flags_text(e.row)]
             for e in sorted(section.entries, key=lambda e: (_order_sort(e.order), e.reference, e.label))]
-    return _md_table(header, rows, ["---"] + ["---:"] * (len(header) - 2) + ["---"])
+    return md_table(header, rows, ["---"] + ["---:"] * (len(header) - 2) + ["---"])
 
 
 def _duration(seconds: float) -> str:
@@ -787,7 +788,7 @@ def _provenance(runs: list[dict[str, Any]], skipped: list[str]) -> list[str]:
     rows = [[f"`{_relative(r['run_dir'])}`", r["method"], r["benchmark"], r["order"], r["seed"], r["model"],
              r.get("device") or "", hardware_class(r.get("hardware")), _num(r.get("wall_time_s"), ".1f"),
              (r.get("versions") or {}).get("clbench", ""), r.get("git_commit") or ""] for r in ordered]
-    md += [_md_table(["Run folder", "Method", "Benchmark", "Order", "Seed", "Model", "Device", "Hardware class",
+    md += [md_table(["Run folder", "Method", "Benchmark", "Order", "Seed", "Model", "Device", "Hardware class",
                       "Wall time (s)", "clbench", "Commit"], rows), ""]
     devices = Counter(str(r.get("device") or "unknown") for r in runs)
     md += ["## Hardware", ""] + [f"- {d}: {n} run{'s' if n > 1 else ''}" for d, n in sorted(devices.items())] + [""]

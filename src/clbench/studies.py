@@ -99,9 +99,9 @@ def row_cells(r: StudyRow) -> list[str]:
 
 def studies_markdown(rows: list[StudyRow]) -> str:
     """The rows as a markdown table (eval OP on each study's short protocol)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    from clbench.report import md_table
+
+    return md_table(list(COLUMNS), [row_cells(r) for r in rows]) + "\n"
 
 
 def format_knob(value: Any) -> str:
@@ -121,18 +121,17 @@ def trials_markdown(study: dict[str, Any]) -> str:
     knobs = list(study.get("search_space") or (study["best"]["params"]))
     complete = [t for t in study.get("trials", []) if t.get("state") == "COMPLETE"]
     complete.sort(key=lambda t: (-t["value"], t["number"]))
-    header = ["trial", "eval OP", *knobs, "minutes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = study["best"]["number"]
+    rows = []
     for t in complete:
-        label = f"{t['number']} (best)" if t["number"] == best else str(t["number"])
         minutes = t["wall_time_s"] / 60 if isinstance(t.get("wall_time_s"), int | float) else math.nan
-        cells = [label, f"{t['value']:.3f}", *(format_knob(t["params"].get(k, "–")) for k in knobs),
-                 "–" if math.isnan(minutes) else f"{minutes:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([f"{t['number']} (best)" if t["number"] == best else str(t["number"]), f"{t['value']:.3f}",
+                     *(format_knob(t["params"].get(k, "–")) for k in knobs),
+                     "–" if math.isnan(minutes) else f"{minutes:.1f}"])
     default = study.get("default") or {}
     if isinstance(default.get("value"), float):
-        cells = ["defaults at study time (`default/`)", f"{default['value']:.3f}",
-                 *(format_knob(default.get("params", {}).get(k, "–")) for k in knobs), "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(["defaults at study time (`default/`)", f"{default['value']:.3f}",
+                     *(format_knob(default.get("params", {}).get(k, "–")) for k in knobs), "–"])
+    from clbench.report import md_table
+
+    return md_table(["trial", "eval OP", *knobs, "minutes"], rows) + "\n"
