@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from clbench import cl_metrics
 from clbench.cli import app
-from clbench.leaderboard import SkippedRunWarning, build_leaderboard
+from clbench.leaderboard import SkippedRunWarning, build_leaderboard, load_runs
+from clbench.report import build_sections
 from clbench.results import matrix_frame
 
 TASKS3 = ["C-STANCE", "FOMC", "MeetingBank"]
@@ -147,6 +148,27 @@ def test_models_data_and_task_counts_are_never_averaged(tmp_path):
     assert len(table) == 5 and (table["n_seeds"] == 1).all()
     assert sorted(table["OP_mean"].round(3)) == [0.2, 0.3, 0.4, 0.6, 0.8]
     assert table["setup"].nunique() == 2  # the lr=1e-4 run is its own experiment
+
+
+def test_a_second_setting_of_a_method_is_named_by_the_knobs_it_changes(tmp_path):
+    """If this fails, an ablation or a pre-tuning row of a method shows up in the leaderboard, the report and the
+    README as "moses @3f2a9c1d", and the reader cannot tell which row is the default and what the others change."""
+    default = {"lr": 0.0065, "experts_per_input": 4, "prompt_length": 32}
+    for seed in (0, 1, 2):
+        write_run(tmp_path / "default", "moses", seed, method_config=default)
+    write_run(tmp_path / "sparse", "moses", 0, method_config={**default, "experts_per_input": 2})
+    write_run(tmp_path / "old", "moses", 0, method_config={"lr": 0.003, "experts_per_input": 2, "prompt_length": 8})
+    write_run(tmp_path / "lora", "lora", 0)
+    table = build_leaderboard([tmp_path])
+    notes = {(r["method"], r["n_seeds"], r["setup_note"]) for _, r in table.iterrows()}
+    assert notes == {("moses", 3, ""), ("moses", 1, "experts_per_input=2"),
+                     ("moses", 1, "experts_per_input=2 lr=0.003 prompt_length=8"), ("lora", 1, "")}
+    result = CliRunner().invoke(app, ["leaderboard", str(tmp_path), "--out", str(tmp_path / "lb.csv")])
+    assert result.exit_code == 0, result.output
+    assert "moses [experts_per_input=2]" in result.output and "@" not in result.output
+    labels = {e.label for section in build_sections(load_runs([tmp_path])) for e in section.entries}
+    assert labels == {"moses", "moses [experts_per_input=2]", "moses [experts_per_input=2 lr=0.003 prompt_length=8]",
+                      "lora"}
 
 
 def test_unfinished_run_is_excluded_and_named(tmp_path):
@@ -283,7 +305,6 @@ def test_leaderboard_has_interval_columns(tmp_path):
 def test_tuning_trials_scored_on_eval_never_enter_the_leaderboard(tmp_path):
     """If this fails, `clbench leaderboard runs/` mixes `clbench tune` trials (scored on the eval split, short
     protocol) into the results as if they were test scores."""
-    from clbench.leaderboard import build_leaderboard
 
     write_run(tmp_path, seed=0)
     trial = write_run(tmp_path, seed=1)

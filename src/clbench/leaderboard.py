@@ -5,8 +5,9 @@ number of seeds, and a 95 % interval over seeds and test examples with a paired 
 (:mod:`clbench.intervals`, docs/uncertainty.md). Runs on different models, data manifests, task counts, hardware
 classes (:func:`clbench.provenance.hardware_class`: bf16 kernels differ between CPUs; folders that did not record
 their hardware are class ``unknown``) or method/run settings ("setup": everything in the run's identity except seed
-and the grouping keys, e.g. LoRA rank, learning rate, steps) are never averaged together. Unfinished runs (no DONE)
-and corrupt folders are skipped with a one-line :class:`SkippedRunWarning` that names the folder.
+and the grouping keys, e.g. LoRA rank, learning rate, steps) are never averaged together; a method's second setting
+is named by the knobs it changes (:func:`setup_notes`). Unfinished runs (no DONE) and corrupt folders are skipped
+with a one-line :class:`SkippedRunWarning` that names the folder.
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ def _progress_note(run_dir: Path) -> str:
         return ""
 
 
-def _setup_digest(run_dir: Path, metrics: dict[str, Any]) -> str:
-    """Short hash of the method config and the run settings that change results (LoRA rank, lr, steps, ...).
+def _setup_values(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The method config and the run settings that change results (LoRA rank, lr, steps, ...) of one run.
 
-    Seeds of one experiment share it; two learning rates of the same method do not, so they are never averaged.
+    Seeds of one experiment share them; two learning rates of the same method do not, so they are never averaged.
     """
     try:
         identity = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("identity", {})
@@ -81,8 +82,55 @@ def _setup_digest(run_dir: Path, metrics: dict[str, Any]) -> str:
     except (yaml.YAMLError, AttributeError) as err:
         # without the run settings the seeds of this run cannot be matched to their experiment: treat as corrupt
         raise ValueError(f"config.yaml is unreadable ({type(err).__name__})") from None
-    setup = {"run": run, "method_config": metrics.get("method_config") or {}}
-    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return {"run": run, "method_config": metrics.get("method_config") or {}}
+
+
+def setup_digest(values: dict[str, Any]) -> str:
+    """Short hash of :func:`_setup_values`: the ``setup`` grouping key."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _flat_setup(values: dict[str, Any]) -> dict[str, str]:
+    """{knob: value as text}: method knobs by name, run settings as ``run.<name>`` (they are rarer and would clash)."""
+    flat = {k: json.dumps(v, default=str) if isinstance(v, list | dict) else
+            (format(v, "g") if isinstance(v, float) else str(v)) for k, v in values["method_config"].items()}
+    for k, v in values["run"].items():
+        flat[f"run.{k}"] = json.dumps(v, default=str) if isinstance(v, list | dict) else str(v)
+    return flat
+
+
+def setup_notes(rows: list[dict[str, Any]], values: list[dict[str, Any]]) -> list[str]:
+    """A readable name for each leaderboard row's setup where its method ran with several settings in one section.
+
+    ``rows``: leaderboard rows (their :data:`SECTION_KEYS`, ``method``, ``setup`` and ``n_seeds``); ``values``: each
+    row's :func:`_setup_values`. Per section and method the setup with the most seeds over all orders (ties: the
+    smaller digest) is the method's main one and gets ``""``; every other gets the knobs where it differs from that
+    one, e.g. ``experts_per_input=2`` or ``lr=0.001 r=8``: it says what the row is an ablation or a pre-tuning run
+    of, where a hash would have to be looked up.
+    """
+    groups: dict[tuple, dict[str, list]] = {}  # (section, method) -> {digest: [values, seeds]}
+    for row, vals in zip(rows, values, strict=True):
+        entry = groups.setdefault((*(row[k] for k in SECTION_KEYS), row["method"]), {}).setdefault(
+            row["setup"], [vals, 0])
+        entry[1] += int(row["n_seeds"])
+    notes = []
+    for row in rows:
+        setups = groups[(*(row[k] for k in SECTION_KEYS), row["method"])]
+        main_digest = min(setups, key=lambda d: (-setups[d][1], d))
+        if row["setup"] == main_digest:
+            notes.append("")
+            continue
+        main, flat = _flat_setup(setups[main_digest][0]), _flat_setup(setups[row["setup"]][0])
+        diff = " ".join(f"{k}={flat.get(k, '(unset)')}" for k in sorted({*flat, *main}) if flat.get(k) != main.get(k))
+        notes.append(diff or f"@{row['setup']}")  # folders without their settings: only the hash tells them apart
+    return notes
+
+
+def row_label(row: Any, marks: str = "") -> str:
+    """``method`` (+ ``marks``), and ``[setup_note]`` for a second setting of the same method (see setup_notes)."""
+    note = row.get("setup_note") if hasattr(row, "get") else None
+    note = note if isinstance(note, str) and note else ""
+    return f"{row['method']}{marks}{f' [{note}]' if note else ''}"
 
 
 def _validate(metrics: Any) -> dict[str, Any]:
@@ -114,7 +162,8 @@ def _load(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"skipping unfinished run ({_progress_note(run_dir)}no DONE): {run_dir}"
     try:
         metrics = _validate(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")))
-        metrics["setup"] = _setup_digest(run_dir, metrics)
+        metrics["setup_values"] = _setup_values(run_dir, metrics)
+        metrics["setup"] = setup_digest(metrics["setup_values"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         reason = err.args[0] if isinstance(err, KeyError) and err.args else err
         return None, f"skipping corrupt run folder {run_dir}: {type(err).__name__}: {reason}"
@@ -289,9 +338,9 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
         return pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", *[f"{m}_{s}" for m in metrics
                                                                           for s in ("mean", "std")],
                                      *[f"{m}_{s}" for m in intervals.METRICS for s in ("ci_low", "ci_high")],
-                                     "ci_flags", "ci_note", f"vs_{REFERENCE_METHOD}"])
+                                     "ci_flags", "ci_note", f"vs_{REFERENCE_METHOD}", "setup_note"])
     frame = pd.DataFrame([_row(r, conventions) for r in runs])
-    out, interval_inputs = [], []
+    out, interval_inputs, setup_values = [], [], []
     for key, group in frame.groupby(GROUP_KEYS, dropna=False, sort=False):
         row = dict(zip(GROUP_KEYS, key, strict=True))
         row["n_seeds"] = len(group)
@@ -317,6 +366,7 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
         row["torch_threads"] = _distinct(group["torch_threads"])
         out.append(row)
         members = [runs[i] for i in group.index]
+        setup_values.append(members[0].get("setup_values") or {"run": {}, "method_config": {}})
         deltas = [general_columns(r).get("general_delta", np.nan) for r in members]
         with_general = [(r, d) for r, d in zip(members, deltas, strict=True) if not np.isnan(d)]
         interval_inputs.append(intervals.RowInput(
@@ -329,6 +379,8 @@ def leaderboard_from_runs(runs: list[dict[str, Any]], bwt_conventions: list[str]
             general_units=[general_units(r) for r, _ in with_general]))
     for row, extra in zip(out, intervals.leaderboard_intervals(interval_inputs, REFERENCE_METHOD), strict=True):
         row.update(extra)
+    for row, note in zip(out, setup_notes(out, setup_values), strict=True):
+        row["setup_note"] = note
     table = pd.DataFrame(out)
     # order sensitivity: max − min of mean OP across the task orders that ran for the same experiment (NaN when only
     # one order ran: no spread can be claimed from one order)
@@ -399,9 +451,6 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
         console.print("no finished runs")
         return
     conventions = [c[: -len("_mean")] for c in table.columns if c.startswith("BWT[") and c.endswith("_mean")]
-    # the setup hash only matters when one method ran with several settings; otherwise it is noise
-    multi_setup = table.groupby(["method", "benchmark", "model", "n_tasks"])["setup"].transform("nunique") > 1
-
     def num(value: Any, spec: str) -> str:
         return "" if value is None or pd.isna(value) else format(value, spec)
 
@@ -425,8 +474,8 @@ def print_leaderboard(table: pd.DataFrame, console: Any = None) -> None:
                     *(["OP order spread"] if spread else []), "added params", "step s", "infer ms/ex", "peak MB",
                     "flags"):
             view.add_column(escape(col), no_wrap=col in ("method", "OP", "BWT", "FWT", "general Δ", *labels))
-        for i, r in group.iterrows():
-            method = f"{r['method']} @{r['setup']}" if bool(multi_setup.loc[i]) else str(r["method"])
+        for _, r in group.iterrows():
+            method = row_label(r)
             view.add_row(
                 escape(method), escape(str(r["order"])), str(r["n_seeds"]),
                 *(escape(fmt_interval(r.get(f"{m}_mean"), r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high"), 100, 1))

@@ -40,6 +40,7 @@ from clbench.leaderboard import (
     group_key,
     leaderboard_from_runs,
     load_runs,
+    row_label,
 )
 from clbench.provenance import hardware_class
 
@@ -209,14 +210,11 @@ def build_sections(runs: list[dict[str, Any]], bwt_conventions: list[str] | None
         section = sections.setdefault(skey, Section(*skey, entries=[]))
         section.entries.append(Entry(row_d, members, label=""))
     for section in sections.values():
-        setups = Counter((e.method, e.row["setup"]) for e in section.entries)
-        per_method = Counter(m for m, _ in setups)
         for e in section.entries:
             marks = (TASK_AWARE_MARK if e.row.get("task_aware") else "") + (JOINT_MARK if e.row.get("joint_training")
                                                                               else "")
-            # several settings of one method in a section need telling apart: add the setup hash
-            setup = f" @{e.row['setup']}" if per_method[e.method] > 1 else ""
-            e.label = f"{e.method}{marks}{setup}"
+            # a second setting of one method (an ablation, a pre-tuning run) is named by the knobs it changes
+            e.label = row_label(e.row, marks)
     return sorted(sections.values(), key=lambda s: (str(s.benchmark), str(s.model), s.n_tasks, str(s.data_digest),
                                                     str(s.hardware_class)))
 
