@@ -101,7 +101,20 @@ def test_committed_results_grid_holds_the_reference_cells():
     expected += [(m, "default", 1, s) for m in ("lora", "seqft", "moses") for s in (3, 4)]
     # issue 18's MoSEs ablations beside the tuned default, and for MoSEs only
     expected += [("moses", k, 1, s) for k in ("sparse-routing", "no-prompts") for s in (0, 1, 2)]
+    # issue 21's leaderboard before tuning: every adopted study's method once more at its defaults at study time
+    tuned = ("lora", "moses", "seqft")
+    expected += [(m, f"{m}-pre-tuning", 1, 0) for m in tuned]
     assert sorted(cells) == sorted(expected)
+    studies = Path(__file__).resolve().parents[1] / "results" / "studies" / "tune"
+    for method in tuned:
+        config = yaml.safe_load((studies / method / "default" / "config.yaml").read_text())
+        at_study_time = config["identity"]["method"]
+        pre_tuning = sweep.knob_sets(grid)[f"{method}-pre-tuning"]
+        assert pre_tuning == {k: at_study_time[k] for k in pre_tuning}, method
+        # ... and restores every knob the study moved, so the row is the method as it was
+        now = yaml.safe_load((configs_root() / "methods" / f"{method}.yaml").read_text())
+        moved = {k for k, v in now.items() if k != "search_space" and at_study_time.get(k) != v}
+        assert moved <= set(pre_tuning), (method, moved - set(pre_tuning))
     assert sweep.knob_sets(grid)["sparse-routing"] == {"experts_per_input": 2}
     assert grid.results_dir == "results/runs" and grid.model == "bundled" and grid.executor == "local"
     assert grid.run.get("general") == "general-mini"  # every committed row gets its general-ability delta
