@@ -305,7 +305,6 @@ def test_leaderboard_has_interval_columns(tmp_path):
 def test_tuning_trials_scored_on_eval_never_enter_the_leaderboard(tmp_path):
     """If this fails, `clbench leaderboard runs/` mixes `clbench tune` trials (scored on the eval split, short
     protocol) into the results as if they were test scores."""
-
     write_run(tmp_path, seed=0)
     trial = write_run(tmp_path, seed=1)
     metrics = json.loads((trial / "metrics.json").read_text())

@@ -90,13 +90,17 @@ def setup_digest(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _as_text(value: Any) -> str:
+    """A knob value as a setup note shows it: floats in their shortest form, lists and mappings as JSON."""
+    if isinstance(value, list | dict):
+        return json.dumps(value, default=str)
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
 def _flat_setup(values: dict[str, Any]) -> dict[str, str]:
     """{knob: value as text}: method knobs by name, run settings as ``run.<name>`` (they are rarer and would clash)."""
-    flat = {k: json.dumps(v, default=str) if isinstance(v, list | dict) else
-            (format(v, "g") if isinstance(v, float) else str(v)) for k, v in values["method_config"].items()}
-    for k, v in values["run"].items():
-        flat[f"run.{k}"] = json.dumps(v, default=str) if isinstance(v, list | dict) else str(v)
-    return flat
+    return {**{k: _as_text(v) for k, v in values["method_config"].items()},
+            **{f"run.{k}": _as_text(v) for k, v in values["run"].items()}}
 
 
 def setup_notes(rows: list[dict[str, Any]], values: list[dict[str, Any]]) -> list[str]:
@@ -108,14 +112,13 @@ def setup_notes(rows: list[dict[str, Any]], values: list[dict[str, Any]]) -> lis
     one, e.g. ``experts_per_input=2`` or ``lr=0.001 r=8``: it says what the row is an ablation or a pre-tuning run
     of, where a hash would have to be looked up.
     """
+    keys = [(*(row[k] for k in SECTION_KEYS), row["method"]) for row in rows]
     groups: dict[tuple, dict[str, list]] = {}  # (section, method) -> {digest: [values, seeds]}
-    for row, vals in zip(rows, values, strict=True):
-        entry = groups.setdefault((*(row[k] for k in SECTION_KEYS), row["method"]), {}).setdefault(
-            row["setup"], [vals, 0])
-        entry[1] += int(row["n_seeds"])
+    for key, row, vals in zip(keys, rows, values, strict=True):
+        groups.setdefault(key, {}).setdefault(row["setup"], [vals, 0])[1] += int(row["n_seeds"])
     notes = []
-    for row in rows:
-        setups = groups[(*(row[k] for k in SECTION_KEYS), row["method"])]
+    for key, row in zip(keys, rows, strict=True):
+        setups = groups[key]
         main_digest = min(setups, key=lambda d: (-setups[d][1], d))
         if row["setup"] == main_digest:
             notes.append("")
@@ -128,9 +131,8 @@ def setup_notes(rows: list[dict[str, Any]], values: list[dict[str, Any]]) -> lis
 
 def row_label(row: Any, marks: str = "") -> str:
     """``method`` (+ ``marks``), and ``[setup_note]`` for a second setting of the same method (see setup_notes)."""
-    note = row.get("setup_note") if hasattr(row, "get") else None
-    note = note if isinstance(note, str) and note else ""
-    return f"{row['method']}{marks}{f' [{note}]' if note else ''}"
+    note = row.get("setup_note")  # NaN in a table read back from CSV
+    return f"{row['method']}{marks}{f' [{note}]' if isinstance(note, str) and note else ''}"
 
 
 def _validate(metrics: Any) -> dict[str, Any]:
